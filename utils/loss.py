@@ -1,0 +1,232 @@
+"""YOLOv5 training loss: box (CIoU), objectness and class BCE, plus the optional FGFI imitation term.
+
+The terms come back as a named dict so that logs, progress bars and results.csv columns follow its keys
+(`ComputeLoss.names`), and adding the imitation term changes no hard-coded list anywhere else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+
+from distill.loss import imitation_loss
+from utils.metrics import bbox_iou
+from utils.torch_utils import de_parallel
+
+# Neighbour cells a target may also be assigned to: itself, then left, up, right, down (in units of the 0.5 bias)
+_NEIGHBOURS = ((0, 0), (1, 0), (0, 1), (-1, 0), (0, -1))
+
+
+def smooth_BCE(eps: float = 0.1) -> tuple[float, float]:
+    """Label-smoothed BCE targets (positive, negative) = (1 - eps / 2, eps / 2); eps=0 gives (1, 0)."""
+    return 1.0 - 0.5 * eps, 0.5 * eps
+
+
+class FocalLoss(nn.Module):
+    """Focal loss (Lin et al. 2017) around an nn.BCEWithLogitsLoss: scales each element by alpha_t * (1 - p_t)^gamma.
+
+    The wrapped loss is switched to reduction='none' and its original reduction is applied after the scaling.
+    """
+
+    def __init__(self, loss_fcn: nn.BCEWithLogitsLoss, gamma: float = 1.5, alpha: float = 0.25):
+        super().__init__()
+        self.loss_fcn, self.gamma, self.alpha = loss_fcn, gamma, alpha
+        self.reduction = loss_fcn.reduction
+        self.loss_fcn.reduction = "none"  # the scaling is per element
+
+    def forward(self, pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
+        loss = self.loss_fcn(pred, true)
+        prob = pred.sigmoid()
+        p_t = true * prob + (1 - true) * (1 - prob)
+        alpha_t = true * self.alpha + (1 - true) * (1 - self.alpha)
+        return _reduce(loss * alpha_t * (1.0 - p_t) ** self.gamma, self.reduction)
+
+
+class QFocalLoss(FocalLoss):
+    """Quality focal loss (Li et al. 2020, GFL): the modulating factor is |true - p|^gamma, for soft targets."""
+
+    def forward(self, pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
+        loss = self.loss_fcn(pred, true)
+        alpha_t = true * self.alpha + (1 - true) * (1 - self.alpha)
+        return _reduce(loss * alpha_t * (true - pred.sigmoid()).abs() ** self.gamma, self.reduction)
+
+
+def _reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "mean":
+        return loss.mean()
+    return loss.sum() if reduction == "sum" else loss
+
+
+class ComputeLoss:
+    """YOLOv5 loss for a DetectionModel's training output.
+
+    Args:
+        model: the (possibly DDP-wrapped) model; its last layer is the Detect module, read for na, nc, nl,
+            stride and anchors ([nl, na, 2] in grid cells of each level).
+        hyp: hyperparameters: box, obj, cls (gains), cls_pw, obj_pw (BCE positive weights), anchor_t (max
+            target/anchor side ratio), fl_gamma (focal loss when > 0), label_smoothing (optional).
+        autobalance: adapt the per-level objectness weights during training (YOLOv5's option, off by default).
+        imitation_weight: weight of the FGFI imitation term; None leaves the term out of the loss and its items.
+    """
+
+    sort_obj_iou = False  # YOLOv5 default: no sorting, so overlapping targets in a cell write in target order
+
+    def __init__(self, model: nn.Module, hyp: dict, autobalance: bool = False, imitation_weight: float | None = None):
+        device = next(model.parameters()).device
+        h = hyp
+        BCEcls = nn.BCEWithLogitsLoss(pos_weight=torch.tensor([h["cls_pw"]], device=device))
+        BCEobj = nn.BCEWithLogitsLoss(pos_weight=torch.tensor([h["obj_pw"]], device=device))
+        self.cp, self.cn = smooth_BCE(eps=h.get("label_smoothing", 0.0))  # class targets, positive and negative
+        if h.get("fl_gamma", 0.0) > 0:
+            BCEcls, BCEobj = FocalLoss(BCEcls, h["fl_gamma"]), FocalLoss(BCEobj, h["fl_gamma"])
+
+        m = de_parallel(model).model[-1]  # Detect
+        # Objectness weight per level, P3 first: small-stride levels see many more negatives
+        self.balance = {3: [4.0, 1.0, 0.4]}.get(m.nl, [4.0, 1.0, 0.25, 0.06, 0.02])
+        self.ssi = list(m.stride).index(16) if autobalance else 0  # autobalance keeps the stride-16 weight at 1
+        self.BCEcls, self.BCEobj, self.hyp, self.autobalance = BCEcls, BCEobj, h, autobalance
+        self.gr = 1.0  # objectness target = gr * IoU + (1 - gr)
+        self.na, self.nc, self.nl = m.na, m.nc, m.nl
+        self.anchors = m.anchors  # [nl, na, 2] grid cells; shared with Detect, so AutoAnchor updates reach us
+        self.device = device
+        self.imitation_weight = imitation_weight
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Keys of the loss items, in logging order."""
+        return ("box", "obj", "cls") + (() if self.imitation_weight is None else ("imitation",))
+
+    def __call__(
+        self,
+        p: list[torch.Tensor],
+        targets: torch.Tensor,
+        teacher: torch.Tensor | Sequence[torch.Tensor] | None = None,
+        student: torch.Tensor | Sequence[torch.Tensor] | None = None,
+        mask: torch.Tensor | Sequence[torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss of one batch.
+
+        Args:
+            p: per level [B, na, H, W, 5 + nc] raw outputs (xy, wh, obj, classes; logits).
+            targets: [n, 6] (image index, class, x, y, w, h), xywh normalized to the image, on self.device.
+            teacher, student: imitated features [B, C, H, W] (student already through its adapter), or equal-length
+                lists of them, one per imitation point; ignored when imitation_weight is None.
+            mask: imitation mask [B, 1, H, W] (0/1) matching each feature, or a list; None imitates every location.
+
+        Returns:
+            loss: 0-dim, (box + obj + cls [+ imitation]) * B, each term already weighted by its gain.
+            items: name -> detached 0-dim weighted term (see `names`).
+        """
+        zero = torch.zeros((), device=self.device)
+        lcls, lbox, lobj = zero, zero, zero
+        tcls, tbox, indices, anchors = self.build_targets(p, targets)
+
+        for i, pi in enumerate(p):
+            b, a, gj, gi = indices[i]
+            tobj = torch.zeros(pi.shape[:4], dtype=pi.dtype, device=self.device)
+            if n := b.shape[0]:
+                pxy, pwh, _, pcls = pi[b, a, gj, gi].split((2, 2, 1, self.nc), 1)
+                # Box: centre may move -0.5..1.5 cells (so neighbour cells can reach it), size 0..4 anchors
+                pxy = pxy.sigmoid() * 2 - 0.5
+                pwh = (pwh.sigmoid() * 2) ** 2 * anchors[i]
+                iou = bbox_iou(torch.cat((pxy, pwh), 1), tbox[i], CIoU=True).squeeze(-1)
+                lbox = lbox + (1.0 - iou).mean()
+
+                # Objectness target: the (detached) IoU of the prediction that matched the target
+                iou = iou.detach().clamp(0).type(tobj.dtype)
+                if self.sort_obj_iou:  # the highest IoU wins a cell shared by several targets
+                    j = iou.argsort()
+                    b, a, gj, gi, iou = b[j], a[j], gj[j], gi[j], iou[j]
+                if self.gr < 1:
+                    iou = (1.0 - self.gr) + self.gr * iou
+                tobj[b, a, gj, gi] = iou
+
+                if self.nc > 1:  # a single class needs no class loss
+                    t = torch.full_like(pcls, self.cn)
+                    t[torch.arange(n, device=self.device), tcls[i]] = self.cp
+                    lcls = lcls + self.BCEcls(pcls, t)
+
+            obji = self.BCEobj(pi[..., 4], tobj)
+            lobj = lobj + obji * self.balance[i]
+            if self.autobalance:  # kept as a tensor: no host sync
+                self.balance[i] = self.balance[i] * 0.9999 + 0.0001 / obji.detach()
+
+        if self.autobalance:
+            self.balance = [x / self.balance[self.ssi] for x in self.balance]
+        items = {"box": lbox * self.hyp["box"], "obj": lobj * self.hyp["obj"], "cls": lcls * self.hyp["cls"]}
+        if self.imitation_weight is not None:
+            items["imitation"] = self.imitation_weight * self.imitation(teacher, student, mask)
+        bs = p[0].shape[0]
+        return sum(items.values()) * bs, {k: v.detach() for k, v in items.items()}
+
+    def imitation(self, teacher, student, mask) -> torch.Tensor:
+        """Unweighted imitation loss summed over imitation points; 0 when no teacher/student features are given."""
+        if teacher is None or student is None:
+            return torch.zeros((), device=self.device)
+        if isinstance(student, torch.Tensor):
+            teacher, student, mask = [teacher], [student], [mask]
+        elif mask is None:
+            mask = [None] * len(student)
+        if not len(teacher) == len(student) == len(mask):
+            raise ValueError(f"imitation: {len(student)} student, {len(teacher)} teacher and {len(mask)} mask features")
+        total = torch.zeros((), device=self.device)
+        for s, t, m in zip(student, teacher, mask):
+            total = total + imitation_loss(s, t, m)
+        return total
+
+    def build_targets(self, p: list[torch.Tensor], targets: torch.Tensor):
+        """Assign each target to anchors and grid cells on every level (YOLOv5 rule).
+
+        A target matches an anchor of a level when both side ratios target/anchor lie within 1/anchor_t..anchor_t.
+        Each match is assigned to the cell holding the target centre and to the two nearest neighbour cells
+        (the centre's x and y each lie within half a cell of one neighbour), skipping neighbours off the grid.
+
+        Args:
+            p: per level [B, na, H, W, 5 + nc] outputs (only shapes used).
+            targets: [n, 6] (image, class, x, y, w, h), xywh normalized.
+
+        Returns per level lists: tcls [m] class, tbox [m, 4] (x, y offset from the cell corner, w, h) in grid cells,
+        indices (image, anchor, gj row, gi column) each [m], anchors [m, 2] matched anchor wh in grid cells.
+        """
+        na, nt = self.na, targets.shape[0]
+        tcls, tbox, indices, anch = [], [], [], []
+        gain = torch.ones(7, device=self.device)  # image, class, x, y, w, h, anchor
+        ai = torch.arange(na, device=self.device).float().view(na, 1).repeat(1, nt)
+        targets = torch.cat((targets.repeat(na, 1, 1), ai[..., None]), 2)  # [na, nt, 7]: one copy per anchor
+        g = 0.5  # neighbour reach, in cells
+        off = torch.tensor(_NEIGHBOURS, device=self.device).float() * g
+
+        for i in range(self.nl):
+            anchors, shape = self.anchors[i], p[i].shape
+            gain[2:6] = torch.tensor(shape, device=self.device)[[3, 2, 3, 2]].float()  # W, H, W, H
+            t = targets * gain  # xywh in grid cells
+            if nt:
+                r = t[..., 4:6] / anchors[:, None]  # [na, nt, 2] wh ratios
+                t = t[torch.max(r, 1 / r).max(2)[0] < self.hyp["anchor_t"]]
+
+                gxy = t[:, 2:4]
+                gxi = gain[[2, 3]] - gxy  # distance to the right / bottom edges
+                left, top = ((gxy % 1 < g) & (gxy > 1)).T
+                right, bottom = ((gxi % 1 < g) & (gxi > 1)).T
+                keep = torch.stack((torch.ones_like(left), left, top, right, bottom))
+                t = t.repeat((5, 1, 1))[keep]
+                offsets = (torch.zeros_like(gxy)[None] + off[:, None])[keep]
+            else:
+                t = targets[0]
+                offsets = 0
+
+            bc, gxy, gwh, a = t.split((2, 2, 2, 1), 1)
+            a, (b, c) = a.long().view(-1), bc.long().T
+            gij = (gxy - offsets).long()
+            gij[:, 0].clamp_(0, shape[3] - 1)
+            gij[:, 1].clamp_(0, shape[2] - 1)
+            gi, gj = gij.T
+
+            indices.append((b, a, gj, gi))
+            tbox.append(torch.cat((gxy - gij, gwh), 1))
+            anch.append(anchors[a])
+            tcls.append(c)
+
+        return tcls, tbox, indices, anch
