@@ -1,0 +1,1 @@
+"""Dataset YAMLs, hyperparameters and the built-in synthetic dataset generator (data.synthetic)."""

@@ -1,0 +1,740 @@
+"""Datasets and loaders, as in YOLOv5 v7.0: images + YOLO-format labels for train/val, images/videos for detect.
+
+Label files mirror image paths with `/images/` -> `/labels/` and a `.txt` suffix; each row is
+`class x_center y_center width height`, coordinates normalized to the image (0-1). Rows with more than 6 numbers
+are polygons `class x1 y1 x2 y2 ...` (normalized), turned into their bounding boxes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import hashlib
+import math
+import os
+import random
+from itertools import repeat
+from multiprocessing.pool import Pool, ThreadPool
+from pathlib import Path
+
+import cv2
+import numpy as np
+import psutil
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+from torch.utils.data import DataLoader, Dataset, distributed
+from tqdm import tqdm
+
+from utils.augmentations import augment_hsv, copy_paste, letterbox, mixup, random_perspective
+from utils.general import (
+    IMG_FORMATS,
+    LOCAL_RANK,
+    LOGGER,
+    NUM_THREADS,
+    RANK,
+    VID_FORMATS,
+    UserError,
+    xyn2xy,
+    xywhn2xyxy,
+    xyxy2xywhn,
+)
+
+HELP_URL = "https://docs.ultralytics.com/yolov5/tutorials/train_custom_data"
+BAR_FORMAT = "{l_bar}{bar:10}{r_bar}"
+PIN_MEMORY = str(os.getenv("PIN_MEMORY", True)).lower() == "true"
+_EXIF_ORIENTATION = 0x0112
+
+
+def get_hash(paths: list[str]) -> str:
+    """One md5 over the paths and their total size: changes when files are added, removed or rewritten."""
+    size = sum(os.path.getsize(p) for p in paths if os.path.exists(p))
+    h = hashlib.md5(str(size).encode())
+    h.update("".join(paths).encode())
+    return h.hexdigest()
+
+
+def exif_size(img: Image.Image) -> tuple[int, int]:
+    """(width, height) of a PIL image after its EXIF rotation (cv2.imread applies it too)."""
+    s = img.size
+    with contextlib.suppress(Exception):
+        if img.getexif().get(_EXIF_ORIENTATION) in (6, 8):  # rotated 90 or 270 degrees
+            s = (s[1], s[0])
+    return s
+
+
+def seed_worker(worker_id: int) -> None:
+    """Seed numpy and random in each DataLoader worker from torch's per-worker seed."""
+    worker_seed = torch.initial_seed() % 2**32
+    np.random.seed(worker_seed)
+    random.seed(worker_seed)
+
+
+def img2label_paths(img_paths: list[str]) -> list[str]:
+    """/a/images/b/c.jpg -> /a/labels/b/c.txt (the last /images/ in the path is replaced)."""
+    sa, sb = f"{os.sep}images{os.sep}", f"{os.sep}labels{os.sep}"
+    return [sb.join(x.rsplit(sa, 1)).rsplit(".", 1)[0] + ".txt" for x in img_paths]
+
+
+def segments2boxes(segments: list[np.ndarray]) -> np.ndarray:
+    """Polygons, each [m, 2] (x, y), -> boxes [n, 4] (x center, y center, w, h) in the same units."""
+    boxes = []
+    for s in segments:
+        x, y = s.T
+        boxes.append([x.min(), y.min(), x.max(), y.max()])
+    boxes = np.array(boxes, dtype=np.float32).reshape(-1, 4)
+    return np.stack(
+        ((boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2, *(boxes[:, 2:] - boxes[:, :2]).T), 1
+    )
+
+
+def _parse_labels(lb_file: str, nc: int | None) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Read one label file -> ([n, 5] float32 (class, xywhn), polygons). Raises ValueError naming the problem."""
+    with open(lb_file) as f:
+        rows = [x.split() for x in f.read().strip().splitlines() if x.strip()]
+    segments = []
+    try:
+        if any(len(x) > 6 for x in rows):  # polygon labels
+            bad = [i + 1 for i, x in enumerate(rows) if len(x) < 7 or len(x) % 2 == 0]
+            if bad:
+                raise ValueError(
+                    f"polygon rows need a class and >= 3 x y pairs; line {bad[0]} has {len(rows[bad[0] - 1])} values"
+                )
+            classes = np.array([x[0] for x in rows], dtype=np.float32)
+            segments = [np.array(x[1:], dtype=np.float32).reshape(-1, 2) for x in rows]
+            lb = np.concatenate((classes.reshape(-1, 1), segments2boxes(segments)), 1)
+            coords = np.concatenate(segments, 0) if segments else np.zeros((0, 2), np.float32)
+        else:
+            bad = [i + 1 for i, x in enumerate(rows) if len(x) != 5]
+            if bad:
+                raise ValueError(f"labels require 5 columns, line {bad[0]} has {len(rows[bad[0] - 1])}")
+            lb = np.array(rows, dtype=np.float32).reshape(-1, 5)
+            coords = lb[:, 1:]
+    except ValueError as e:
+        if "could not convert" in str(e):
+            raise ValueError(f"non-numeric value ({str(e).split(': ')[-1]})") from None
+        raise
+    if not np.isfinite(lb).all() or not np.isfinite(coords).all():
+        raise ValueError("non-finite values (nan/inf)")
+    if (lb < 0).any() or (coords < 0).any():
+        raise ValueError(f"negative label values {np.concatenate((lb[lb < 0], coords[coords < 0]))}")
+    if (coords > 1).any():
+        raise ValueError(f"non-normalized or out of bounds coordinates {coords[coords > 1]} (must be 0-1)")
+    if (lb[:, 0] != lb[:, 0].round()).any():
+        raise ValueError(f"class ids must be integers, got {lb[:, 0][lb[:, 0] != lb[:, 0].round()]}")
+    if nc is not None and len(lb) and lb[:, 0].max() >= nc:
+        raise ValueError(f"class id {int(lb[:, 0].max())} >= nc={nc} (valid ids are 0..{nc - 1})")
+    return lb, segments
+
+
+def verify_image_label(args: tuple) -> list:
+    """Check one (image, label file, prefix[, nc]) pair; run in a process pool when the label cache is built.
+
+    Returns [im_file, labels [n, 5], (w, h), segments, missing, found, empty, corrupt, message]; im_file and
+    labels are None for a corrupt image or label file, which is then left out of the dataset.
+    """
+    im_file, lb_file, prefix, *rest = args
+    nc = rest[0] if rest else None
+    nm, nf, ne, nc_bad, msg, segments = 0, 0, 0, 0, "", []
+    try:
+        try:
+            im = Image.open(im_file)
+            im.verify()
+            shape = exif_size(im)
+            fmt = (im.format or "").lower()
+        except Exception as e:
+            raise ValueError(f"unreadable image ({e})") from None
+        if shape[0] < 10 or shape[1] < 10:
+            raise ValueError(f"image size {shape} < 10 pixels")
+        if fmt not in IMG_FORMATS:
+            raise ValueError(f"invalid image format {fmt}")
+        if fmt in ("jpg", "jpeg"):
+            with open(im_file, "rb") as f:
+                f.seek(-2, 2)
+                if f.read() != b"\xff\xd9":  # no end-of-image marker: re-save what PIL can decode, as YOLOv5
+                    try:
+                        ImageOps.exif_transpose(Image.open(im_file)).save(im_file, "JPEG", subsampling=0, quality=100)
+                    except Exception as e:
+                        raise ValueError(f"truncated JPEG that cannot be restored ({e})") from None
+                    msg = f"{prefix}WARNING ⚠️ {im_file}: corrupt JPEG restored and saved"
+
+        if os.path.isfile(lb_file):
+            nf = 1
+            try:
+                lb, segments = _parse_labels(lb_file, nc)
+            except (ValueError, OSError, UnicodeDecodeError) as e:
+                raise ValueError(f"bad label file {lb_file}: {e}") from None
+            n = len(lb)
+            if n:
+                _, i = np.unique(lb, axis=0, return_index=True)
+                if len(i) < n:
+                    i = np.sort(i)  # keep the file's order
+                    lb = lb[i]
+                    if segments:
+                        segments = [segments[x] for x in i]
+                    msg = f"{prefix}WARNING ⚠️ {im_file}: {n - len(i)} duplicate labels removed from {lb_file}"
+            else:
+                ne = 1
+                lb = np.zeros((0, 5), dtype=np.float32)
+        else:
+            nm = 1
+            lb = np.zeros((0, 5), dtype=np.float32)
+        return [im_file, lb, shape, segments, nm, nf, ne, nc_bad, msg]
+    except Exception as e:
+        msg = f"{prefix}WARNING ⚠️ {im_file}: ignoring corrupt image/label: {e}"
+        return [None, None, None, None, nm, nf, ne, 1, msg]
+
+
+class LoadImagesAndLabels(Dataset):
+    """Images with YOLO labels, for training (mosaic/mixup/perspective/HSV/flip augmentation) and validation.
+
+    Attributes: im_files, label_files, labels (list of [n, 5] float32 (class, xywhn)), segments, shapes ([N, 2]
+    float (w, h) of the originals), n, indices (sampling order; train.py resamples it for --image-weights),
+    batch (batch index of each image), batch_shapes ([nb, 2] (h, w) letterbox shape per batch, rect only).
+    """
+
+    cache_version = "0.6-fgfi"  # bump when the cache layout or checks change
+    rand_interp_methods = [cv2.INTER_NEAREST, cv2.INTER_LINEAR, cv2.INTER_CUBIC, cv2.INTER_AREA, cv2.INTER_LANCZOS4]
+
+    def __init__(
+        self,
+        path: str | Path | list,
+        img_size: int = 640,
+        batch_size: int = 16,
+        augment: bool = False,
+        hyp: dict | None = None,
+        rect: bool = False,
+        image_weights: bool = False,
+        cache_images: bool | str = False,
+        single_cls: bool = False,
+        stride: int = 32,
+        pad: float = 0.0,
+        min_items: int = 0,
+        prefix: str = "",
+        nc: int | None = None,
+        rank: int = -1,
+        seed: int = 0,
+    ):
+        if augment and hyp is None:
+            raise ValueError("augment=True needs the hyp dict (data/hyps/hyp.scratch-low.yaml)")
+        self.img_size = img_size
+        self.augment = augment
+        self.hyp = hyp
+        self.image_weights = image_weights
+        self.rect = False if image_weights else rect
+        self.mosaic = self.augment and not self.rect
+        self.mosaic_border = [-img_size // 2, -img_size // 2]
+        self.stride = stride
+        self.path = path
+
+        files = []
+        for p in path if isinstance(path, (list, tuple)) else [path]:
+            p = Path(p)
+            if p.is_dir():
+                files += glob.glob(str(p / "**" / "*.*"), recursive=True)
+            elif p.is_file():
+                parent = p.parent
+                for line in p.read_text().strip().splitlines():
+                    line = line.strip()
+                    if line:
+                        x = Path(line)
+                        files.append(
+                            str(
+                                parent / line[2:]
+                                if line.startswith("./")
+                                else x
+                                if x.exists() or x.is_absolute()
+                                else parent / x
+                            )
+                        )
+            else:
+                raise UserError(f"{prefix}{p} does not exist: check the dataset path in your data YAML")
+        self.im_files = sorted(x.replace("/", os.sep) for x in files if x.split(".")[-1].lower() in IMG_FORMATS)
+        if not self.im_files:
+            raise UserError(f"{prefix}No images found in {path}: supported formats are {', '.join(IMG_FORMATS)}")
+
+        # label cache: built once (checks every image and label), reused while files and nc are unchanged
+        self.label_files = img2label_paths(self.im_files)
+        cache_path = (p if p.is_file() else Path(self.label_files[0]).parent).with_suffix(".cache")
+        try:
+            cache, exists = np.load(cache_path, allow_pickle=True).item(), True
+            assert cache["version"] == self.cache_version
+            assert cache["hash"] == get_hash(self.label_files + self.im_files)
+            assert cache["nc"] == (None if single_cls else nc)
+        except Exception:
+            cache, exists = self.cache_labels(cache_path, prefix, None if single_cls else nc), False
+
+        nf, nm, ne, nc_bad, n = cache.pop("results")
+        if exists and LOCAL_RANK in {-1, 0}:
+            d = f"Scanning {cache_path}... {nf} found, {nm} missing, {ne} empty, {nc_bad} corrupt"
+            tqdm(None, desc=prefix + d, total=n, initial=n, bar_format=BAR_FORMAT)
+            if cache["msgs"]:
+                LOGGER.info("\n".join(cache["msgs"]))
+        self.counts = {"found": nf, "missing": nm, "empty": ne, "corrupt": nc_bad}
+        if nf == 0:
+            raise UserError(
+                f"{prefix}No labels found in {cache_path}: labels go in a labels/ folder beside images/, one .txt "
+                f"per image (see {HELP_URL})"
+            )
+        for k in ("hash", "version", "msgs", "nc"):
+            cache.pop(k)
+        if not cache:
+            raise UserError(f"{prefix}All {n} images in {path} are corrupt: see the warnings above")
+        labels, shapes, segments = zip(*cache.values())
+        self.labels = [x.copy() for x in labels]
+        self.segments = [list(x) for x in segments]
+        self.shapes = np.array(shapes, dtype=np.float64)
+        self.im_files = list(cache.keys())
+        self.label_files = img2label_paths(self.im_files)
+
+        if min_items:
+            include = [i for i, x in enumerate(self.labels) if len(x) >= min_items]
+            LOGGER.info(f"{prefix}{len(self.labels) - len(include)}/{len(self.labels)} images filtered from dataset")
+            self._subset(include)
+        if single_cls:
+            for x in self.labels:
+                x[:, 0] = 0
+
+        n = len(self.shapes)
+        bi = np.floor(np.arange(n) / batch_size).astype(int)
+        nb = bi[-1] + 1
+        self.batch = bi
+        self.n = n
+        self.indices = range(n)
+
+        if self.rect:  # batches of similar aspect ratio, each letterboxed to its own (h, w)
+            ar = self.shapes[:, 1] / self.shapes[:, 0]  # h / w
+            irect = ar.argsort()
+            self._subset(irect)
+            ar = ar[irect]
+            shapes = [[1, 1]] * nb
+            for i in range(nb):
+                ari = ar[bi == i]
+                mini, maxi = ari.min(), ari.max()
+                if maxi < 1:
+                    shapes[i] = [maxi, 1]
+                elif mini > 1:
+                    shapes[i] = [1, 1 / mini]
+            self.batch_shapes = np.ceil(np.array(shapes) * img_size / stride + pad).astype(int) * stride
+
+        self.ims = [None] * n
+        self.npy_files = [Path(f).with_suffix(".npy") for f in self.im_files]
+        if cache_images in (True, "ram") and not self.check_cache_ram(prefix=prefix):
+            cache_images = False
+        if cache_images:
+            b = 0
+            self.im_hw0, self.im_hw = [None] * n, [None] * n
+            fcn = self.cache_images_to_disk if cache_images == "disk" else self.load_image
+            results = ThreadPool(NUM_THREADS).imap(fcn, range(n))
+            pbar = tqdm(enumerate(results), total=n, bar_format=BAR_FORMAT, disable=LOCAL_RANK > 0)
+            for i, x in pbar:
+                if cache_images == "disk":
+                    b += self.npy_files[i].stat().st_size
+                else:
+                    self.ims[i], self.im_hw0[i], self.im_hw[i] = x
+                    b += self.ims[i].nbytes
+                pbar.desc = f"{prefix}Caching images ({b / 1e9:.1f}GB {cache_images})"
+            pbar.close()
+
+    def _subset(self, order) -> None:
+        """Keep (and reorder) images by index: files, labels, segments and shapes together."""
+        self.im_files = [self.im_files[i] for i in order]
+        self.label_files = [self.label_files[i] for i in order]
+        self.labels = [self.labels[i] for i in order]
+        self.segments = [self.segments[i] for i in order]
+        self.shapes = self.shapes[np.asarray(order, dtype=int)].reshape(-1, 2)
+
+    def check_cache_ram(self, safety_margin: float = 0.1, prefix: str = "") -> bool:
+        """Whether the resized images fit in available RAM, estimated from up to 30 of them."""
+        b, k = 0, min(self.n, 30)
+        for f in self.im_files[:k]:
+            im = cv2.imread(f)
+            if im is not None:
+                b += im.nbytes * (self.img_size / max(im.shape[:2])) ** 2
+        required = b * self.n / max(k, 1)
+        available = psutil.virtual_memory().available
+        ok = required * (1 + safety_margin) < available
+        if not ok:
+            LOGGER.info(
+                f"{prefix}{required / 1e9:.1f}GB RAM required > {available / 1e9:.1f}GB available: not caching images"
+            )
+        return ok
+
+    def cache_labels(self, path: Path = Path("./labels.cache"), prefix: str = "", nc: int | None = None) -> dict:
+        """Verify every image/label pair (in a process pool), then save the results next to the labels."""
+        x = {}
+        nm, nf, ne, nc_bad, msgs = 0, 0, 0, 0, []
+        desc = f"{prefix}Scanning {path.parent / path.stem}..."
+        args = zip(self.im_files, self.label_files, repeat(prefix), repeat(nc))
+        with Pool(min(NUM_THREADS, len(self.im_files))) as pool:
+            pbar = tqdm(pool.imap(verify_image_label, args), desc=desc, total=len(self.im_files), bar_format=BAR_FORMAT)
+            for im_file, lb, shape, segments, nm_f, nf_f, ne_f, nc_f, msg in pbar:
+                nm += nm_f
+                nf += nf_f
+                ne += ne_f
+                nc_bad += nc_f
+                if im_file:
+                    x[im_file] = [lb, shape, segments]
+                if msg:
+                    msgs.append(msg)
+                pbar.desc = f"{desc} {nf} found, {nm} missing, {ne} empty, {nc_bad} corrupt"
+            pbar.close()
+        if msgs:
+            LOGGER.info("\n".join(msgs))
+        x["hash"] = get_hash(self.label_files + self.im_files)
+        x["results"] = nf, nm, ne, nc_bad, len(self.im_files)
+        x["msgs"] = msgs
+        x["version"] = self.cache_version
+        x["nc"] = nc
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.npy")  # np.save appends .npy to other names
+        try:
+            np.save(tmp, x)
+            os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
+            LOGGER.info(f"{prefix}New cache created: {path}")
+        except Exception as e:
+            tmp.unlink(missing_ok=True)
+            LOGGER.warning(f"{prefix}WARNING ⚠️ Cache directory {path.parent} is not writeable: {e}")
+        return x
+
+    def __len__(self) -> int:
+        return len(self.im_files)
+
+    def __getitem__(self, index: int):
+        """-> (image uint8 [3, H, W] RGB, labels [n, 6] (0, class, xywhn), path, shapes).
+
+        shapes is None for mosaics, else ((h0, w0), ((h / h0, w / w0), (padw, padh))) to map boxes back to the
+        original image (val.py's scale_boxes).
+        """
+        index = self.indices[index]
+        hyp = self.hyp
+        if self.mosaic and random.random() < hyp["mosaic"]:
+            img, labels = self.load_mosaic(index)
+            shapes = None
+            if random.random() < hyp["mixup"]:
+                img, labels = mixup(img, labels, *self.load_mosaic(random.randint(0, self.n - 1)))
+        else:
+            img, (h0, w0), (h, w) = self.load_image(index)
+            shape = self.batch_shapes[self.batch[index]] if self.rect else self.img_size
+            img, ratio, pad = letterbox(img, shape, auto=False, scaleup=self.augment)
+            shapes = (h0, w0), ((h / h0, w / w0), pad)
+            labels = self.labels[index].copy()
+            if labels.size:
+                labels[:, 1:] = xywhn2xyxy(labels[:, 1:], ratio[0] * w, ratio[1] * h, padw=pad[0], padh=pad[1])
+            if self.augment:
+                img, labels = random_perspective(
+                    img,
+                    labels,
+                    degrees=hyp["degrees"],
+                    translate=hyp["translate"],
+                    scale=hyp["scale"],
+                    shear=hyp["shear"],
+                    perspective=hyp["perspective"],
+                )
+
+        nl = len(labels)
+        if nl:
+            labels[:, 1:5] = xyxy2xywhn(labels[:, 1:5], w=img.shape[1], h=img.shape[0], clip=True, eps=1e-3)
+        if self.augment:
+            augment_hsv(img, hgain=hyp["hsv_h"], sgain=hyp["hsv_s"], vgain=hyp["hsv_v"])
+            if random.random() < hyp["flipud"]:
+                img = np.flipud(img)
+                if nl:
+                    labels[:, 2] = 1 - labels[:, 2]
+            if random.random() < hyp["fliplr"]:
+                img = np.fliplr(img)
+                if nl:
+                    labels[:, 1] = 1 - labels[:, 1]
+
+        labels_out = torch.zeros((nl, 6))
+        if nl:
+            labels_out[:, 1:] = torch.from_numpy(np.asarray(labels, dtype=np.float32))
+        img = np.ascontiguousarray(img.transpose((2, 0, 1))[::-1])  # HWC BGR -> CHW RGB
+        return torch.from_numpy(img), labels_out, self.im_files[index], shapes
+
+    def load_image(self, i: int) -> tuple[np.ndarray, tuple[int, int], tuple[int, int]]:
+        """Image i resized so its long side is img_size -> (BGR image, (h0, w0) original, (h, w) resized)."""
+        if self.ims[i] is not None:
+            return self.ims[i], self.im_hw0[i], self.im_hw[i]
+        f, fn = self.im_files[i], self.npy_files[i]
+        im = np.load(fn) if fn.exists() else cv2.imread(f)
+        if im is None:
+            raise UserError(f"Image not readable: {f} (it changed after the label cache was built? delete the .cache)")
+        h0, w0 = im.shape[:2]
+        r = self.img_size / max(h0, w0)
+        if r != 1:
+            interp = cv2.INTER_LINEAR if (self.augment or r > 1) else cv2.INTER_AREA
+            im = cv2.resize(im, (math.ceil(w0 * r), math.ceil(h0 * r)), interpolation=interp)
+        return im, (h0, w0), im.shape[:2]
+
+    def cache_images_to_disk(self, i: int) -> None:
+        """Save image i as .npy beside it (decoded, not resized) for faster loading."""
+        f = self.npy_files[i]
+        if not f.exists():
+            np.save(f.as_posix(), cv2.imread(self.im_files[i]))
+
+    def load_mosaic(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """4-image mosaic around a random centre, then random_perspective back to img_size.
+
+        Returns (image [s, s, 3] BGR, labels [n, 5] (class, x1, y1, x2, y2) in its pixels), s = img_size.
+        """
+        labels4, segments4 = [], []
+        s = self.img_size
+        yc, xc = (int(random.uniform(-x, 2 * s + x)) for x in self.mosaic_border)
+        indices = [index] + random.choices(self.indices, k=3)
+        random.shuffle(indices)
+        for i, index in enumerate(indices):
+            img, _, (h, w) = self.load_image(index)
+            if i == 0:  # top left
+                img4 = np.full((s * 2, s * 2, img.shape[2]), 114, dtype=np.uint8)
+                x1a, y1a, x2a, y2a = max(xc - w, 0), max(yc - h, 0), xc, yc  # region in the mosaic
+                x1b, y1b, x2b, y2b = w - (x2a - x1a), h - (y2a - y1a), w, h  # region of the tile
+            elif i == 1:  # top right
+                x1a, y1a, x2a, y2a = xc, max(yc - h, 0), min(xc + w, s * 2), yc
+                x1b, y1b, x2b, y2b = 0, h - (y2a - y1a), min(w, x2a - x1a), h
+            elif i == 2:  # bottom left
+                x1a, y1a, x2a, y2a = max(xc - w, 0), yc, xc, min(s * 2, yc + h)
+                x1b, y1b, x2b, y2b = w - (x2a - x1a), 0, w, min(y2a - y1a, h)
+            else:  # bottom right
+                x1a, y1a, x2a, y2a = xc, yc, min(xc + w, s * 2), min(s * 2, yc + h)
+                x1b, y1b, x2b, y2b = 0, 0, min(w, x2a - x1a), min(y2a - y1a, h)
+            img4[y1a:y2a, x1a:x2a] = img[y1b:y2b, x1b:x2b]
+            padw, padh = x1a - x1b, y1a - y1b
+
+            labels, segments = self.labels[index].copy(), [x.copy() for x in self.segments[index]]
+            if labels.size:
+                labels[:, 1:] = xywhn2xyxy(labels[:, 1:], w, h, padw, padh)
+                segments = [xyn2xy(x, w, h, padw, padh) for x in segments]
+            labels4.append(labels)
+            segments4.extend(segments)
+
+        labels4 = np.concatenate(labels4, 0)
+        for x in (labels4[:, 1:], *segments4):
+            np.clip(x, 0, 2 * s, out=x)
+        img4, labels4, segments4 = copy_paste(img4, labels4, segments4, p=self.hyp["copy_paste"])
+        return random_perspective(
+            img4,
+            labels4,
+            segments4,
+            degrees=self.hyp["degrees"],
+            translate=self.hyp["translate"],
+            scale=self.hyp["scale"],
+            shear=self.hyp["shear"],
+            perspective=self.hyp["perspective"],
+            border=self.mosaic_border,
+        )
+
+    @staticmethod
+    def collate_fn(batch):
+        """Stack images and concatenate labels, writing each label's image index into column 0."""
+        im, label, path, shapes = zip(*batch)
+        for i, lb in enumerate(label):
+            lb[:, 0] = i
+        return torch.stack(im, 0), torch.cat(label, 0), path, shapes
+
+    @staticmethod
+    def collate_fn4(batch):
+        """--quad: every 4 images become one of twice the size (a 2x2 tile, or image 0 upsampled 2x)."""
+        img, label, path, shapes = zip(*batch)
+        n = len(shapes) // 4
+        im4, label4, path4, shapes4 = [], [], path[:n], shapes[:n]
+        ho = torch.tensor([[0.0, 0, 0, 1, 0, 0]])
+        wo = torch.tensor([[0.0, 0, 1, 0, 0, 0]])
+        s = torch.tensor([[1, 1, 0.5, 0.5, 0.5, 0.5]])
+        for i in range(n):
+            i *= 4
+            if random.random() < 0.5:
+                im = F.interpolate(img[i].unsqueeze(0).float(), scale_factor=2.0, mode="bilinear", align_corners=False)
+                im = im[0].type(img[i].type())
+                lb = label[i]
+            else:
+                im = torch.cat((torch.cat((img[i], img[i + 1]), 1), torch.cat((img[i + 2], img[i + 3]), 1)), 2)
+                lb = torch.cat((label[i], label[i + 1] + ho, label[i + 2] + wo, label[i + 3] + ho + wo), 0) * s
+            im4.append(im)
+            label4.append(lb)
+        for i, lb in enumerate(label4):
+            lb[:, 0] = i
+        return torch.stack(im4, 0), torch.cat(label4, 0), path4, shapes4
+
+
+class InfiniteDataLoader(DataLoader):
+    """A DataLoader whose workers live across epochs (the batch sampler repeats forever)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        object.__setattr__(self, "batch_sampler", _RepeatSampler(self.batch_sampler))
+        self.iterator = super().__iter__()
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler.sampler)
+
+    def __iter__(self):
+        for _ in range(len(self)):
+            yield next(self.iterator)
+
+
+class _RepeatSampler:
+    def __init__(self, sampler):
+        self.sampler = sampler
+
+    def __iter__(self):
+        while True:
+            yield from iter(self.sampler)
+
+
+def create_dataloader(
+    path,
+    imgsz: int,
+    batch_size: int,
+    stride: int,
+    single_cls: bool = False,
+    hyp: dict | None = None,
+    augment: bool = False,
+    cache: bool | str | None = False,
+    pad: float = 0.0,
+    rect: bool = False,
+    rank: int = -1,
+    workers: int = 8,
+    image_weights: bool = False,
+    quad: bool = False,
+    prefix: str = "",
+    shuffle: bool = False,
+    seed: int = 0,
+    nc: int | None = None,
+) -> tuple[DataLoader, LoadImagesAndLabels]:
+    """-> (loader, dataset). Batches are (imgs uint8 [B, 3, H, W] RGB, targets [n, 6] (image index, class, xywhn),
+    paths, shapes). batch_size is per process (train.py divides by WORLD_SIZE)."""
+    if rect and shuffle:
+        LOGGER.warning("WARNING ⚠️ --rect is incompatible with DataLoader shuffle, setting shuffle=False")
+        shuffle = False
+    try:
+        from utils.torch_utils import torch_distributed_zero_first
+    except ImportError:  # single-process use only needs a no-op
+        torch_distributed_zero_first = contextlib.nullcontext
+    with torch_distributed_zero_first(rank):  # rank 0 builds the label cache, the others then read it
+        dataset = LoadImagesAndLabels(
+            path,
+            imgsz,
+            batch_size,
+            augment=augment,
+            hyp=hyp,
+            rect=rect,
+            cache_images=cache,
+            single_cls=single_cls,
+            stride=int(stride),
+            pad=pad,
+            image_weights=image_weights,
+            prefix=prefix,
+            nc=nc,
+            rank=rank,
+            seed=seed,
+        )
+    batch_size = min(batch_size, len(dataset))
+    nd = torch.cuda.device_count()
+    nw = min([os.cpu_count() // max(nd, 1), batch_size if batch_size > 1 else 0, workers])
+    sampler = None if rank == -1 else distributed.DistributedSampler(dataset, shuffle=shuffle)
+    loader = DataLoader if image_weights else InfiniteDataLoader  # train.py reassigns dataset.indices each epoch
+    generator = torch.Generator()
+    generator.manual_seed(6148914691236517205 + seed + RANK)
+    return loader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle and sampler is None,
+        num_workers=nw,
+        sampler=sampler,
+        pin_memory=PIN_MEMORY and torch.cuda.is_available(),  # pinning without a GPU only warns
+        persistent_workers=nw > 0,
+        collate_fn=LoadImagesAndLabels.collate_fn4 if quad else LoadImagesAndLabels.collate_fn,
+        worker_init_fn=seed_worker,
+        generator=generator,
+    ), dataset
+
+
+class LoadImages:
+    """Images and videos for detect.py: `--source` is a file, directory, glob, .txt list (one path per line) or list.
+
+    Iterating yields (path, letterboxed image [3, H, W] RGB uint8, original BGR image, cv2.VideoCapture or None,
+    description). Unreadable images are skipped with a warning; videos advance vid_stride frames per step.
+    """
+
+    def __init__(self, path, img_size: int = 640, stride: int = 32, auto: bool = True, vid_stride: int = 1):
+        if isinstance(path, (str, Path)) and Path(path).suffix == ".txt" and Path(path).is_file():
+            parent = Path(path).parent
+            path = [x.strip() for x in Path(path).read_text().splitlines() if x.strip()]
+            path = [x if Path(x).exists() or Path(x).is_absolute() else str(parent / x) for x in path]
+        files = []
+        for p in sorted(str(x) for x in path) if isinstance(path, (list, tuple)) else [str(path)]:
+            if "*" in p:
+                files.extend(sorted(glob.glob(str(Path(p).absolute()), recursive=True)))
+                continue
+            p = str(Path(p).resolve())
+            if os.path.isdir(p):
+                files.extend(sorted(glob.glob(os.path.join(p, "*.*"))))
+            elif os.path.isfile(p):
+                files.append(p)
+            else:
+                raise UserError(f"--source {p} does not exist")
+        images = [x for x in files if x.split(".")[-1].lower() in IMG_FORMATS]
+        videos = [x for x in files if x.split(".")[-1].lower() in VID_FORMATS]
+        ni, nv = len(images), len(videos)
+        if ni + nv == 0:
+            raise UserError(
+                f"No images or videos found in --source {path}. Supported formats are:\n"
+                f"images: {IMG_FORMATS}\nvideos: {VID_FORMATS}"
+            )
+        self.img_size = img_size
+        self.stride = stride
+        self.files = images + videos
+        self.nf = ni + nv
+        self.video_flag = [False] * ni + [True] * nv
+        self.mode = "image"
+        self.auto = auto
+        self.vid_stride = vid_stride
+        self.frame, self.frames, self.cap = 0, 0, None
+        if nv:
+            self._new_video(videos[0])
+
+    def __iter__(self):
+        self.count = 0
+        return self
+
+    def __next__(self):
+        while True:
+            if self.count == self.nf:
+                raise StopIteration
+            path = self.files[self.count]
+            if self.video_flag[self.count]:
+                self.mode = "video"
+                if self.cap is None or self.cap_path != path:
+                    self._new_video(path)
+                for _ in range(self.vid_stride):
+                    self.cap.grab()
+                ok, im0 = self.cap.retrieve()
+                if not ok:  # video finished (or unreadable): next file
+                    self.cap.release()
+                    self.cap = None
+                    self.count += 1
+                    continue
+                self.frame += 1
+                s = f"video {self.count + 1}/{self.nf} ({self.frame}/{self.frames}) {path}: "
+            else:
+                self.mode = "image"
+                self.count += 1
+                im0 = cv2.imread(path)
+                if im0 is None:
+                    LOGGER.warning(f"WARNING ⚠️ skipping unreadable image {path}")
+                    continue
+                s = f"image {self.count}/{self.nf} {path}: "
+            im = letterbox(im0, self.img_size, stride=self.stride, auto=self.auto)[0]
+            im = np.ascontiguousarray(im.transpose((2, 0, 1))[::-1])  # HWC BGR -> CHW RGB
+            return path, im, im0, self.cap, s
+
+    def _new_video(self, path: str) -> None:
+        self.frame = 0
+        self.cap_path = path
+        self.cap = cv2.VideoCapture(path)
+        if not self.cap.isOpened():
+            LOGGER.warning(f"WARNING ⚠️ cannot open video {path}, skipping it")
+        self.frames = int(self.cap.get(cv2.CAP_PROP_FRAME_COUNT) / self.vid_stride)
+
+    def __len__(self) -> int:
+        return self.nf
