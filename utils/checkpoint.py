@@ -1,0 +1,160 @@
+"""Loading and saving YOLOv5 checkpoints safely.
+
+A YOLOv5 v7.0 checkpoint is a dict {'epoch', 'best_fitness', 'model' (whole fp16 DetectionModel), 'ema', 'updates',
+'optimizer', 'opt', 'git', 'date'} (ours adds 'distill'). Whole models are pickles, and unpickling arbitrary
+classes runs arbitrary code, so we load with torch.load(weights_only=True) and allow exactly the classes such a
+checkpoint needs. Every compatibility fix for older checkpoints lives in attempt_load, nowhere else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import inspect
+import os
+import pathlib
+import pickle
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from utils.general import LOGGER, UserError
+
+# torch.nn layers that YOLOv5 models (and their older versions) are built from
+_TORCH_MODULES = (
+    nn.Sequential, nn.ModuleList, nn.ModuleDict, nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm2d, nn.SiLU, nn.ReLU,
+    nn.ReLU6, nn.LeakyReLU, nn.Hardswish, nn.Sigmoid, nn.Identity, nn.Upsample, nn.MaxPool2d, nn.Linear,
+    nn.MultiheadAttention, nn.modules.linear.NonDynamicallyQuantizableLinear, nn.Dropout,
+)  # fmt: skip
+
+
+def allowed_globals() -> list:
+    """The classes/functions a YOLOv5 checkpoint may reference, as torch.serialization.safe_globals expects them."""
+    import models.common
+    import models.yolo
+
+    ours = [
+        obj
+        for module in (models.common, models.yolo)
+        for obj in vars(module).values()
+        if inspect.isclass(obj) and issubclass(obj, nn.Module) and obj.__module__ == module.__name__
+    ]
+    ours.append((models.yolo.DetectionModel, "models.yolo.Model"))  # YOLOv5 <= v6.1 pickles this name
+
+    np_core = np._core if hasattr(np, "_core") else np.core
+    numpy_globals = [
+        np.dtype,
+        np.ndarray,
+        *(v for v in vars(np.dtypes).values() if inspect.isclass(v) and issubclass(v, np.dtype)),
+    ]
+    for name in ("scalar", "_reconstruct"):  # numpy scalars (best_fitness) and arrays, under numpy 1 and 2 names
+        fn = getattr(np_core.multiarray, name)
+        numpy_globals += [(fn, f"numpy.core.multiarray.{name}"), (fn, f"numpy._core.multiarray.{name}")]
+
+    paths = [pathlib.Path, pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath, pathlib.PureWindowsPath]
+    return ours + list(_TORCH_MODULES) + numpy_globals + paths + [argparse.Namespace]
+
+
+def _global_name(g) -> str:
+    return g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__qualname__}"
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """Load a YOLOv5 checkpoint dict without executing code from it.
+
+    Raises UserError (one line naming the file) when the file is missing, truncated, not a torch checkpoint,
+    not a dict with a 'model' entry, or references a global that is not an allowed YOLOv5 class.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} not found: check the --weights path")
+    allowed = allowed_globals()
+    try:
+        with torch.serialization.safe_globals(allowed):
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        forbidden = _forbidden_globals(path, allowed)
+        if forbidden:
+            raise UserError(
+                f"checkpoint {path} needs {forbidden[0]}, which is not an allowed YOLOv5 class; refusing to unpickle it"
+            ) from None
+        raise UserError(f"checkpoint {path} is not a readable PyTorch checkpoint ({_first_line(e)})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError, AttributeError) as e:
+        raise UserError(f"checkpoint {path} is truncated or not a PyTorch checkpoint ({_first_line(e)})") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise UserError(f"checkpoint {path} is not a YOLOv5 checkpoint: expected a dict with a 'model' entry")
+    return ckpt
+
+
+def _forbidden_globals(path: Path, allowed: list) -> list[str]:
+    """Globals the pickle references beyond torch's defaults and our allow-list (read without unpickling)."""
+    names = {_global_name(g) for g in allowed}
+    try:
+        with torch.serialization.safe_globals(allowed):
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # not a zip checkpoint: nothing more to say than the load error
+        return []
+    return [g for g in unsafe if g not in names]
+
+
+def _first_line(e: Exception) -> str:
+    """The first sentence of an error message, short enough for a one-line UserError."""
+    text = str(e).strip().splitlines()
+    text = text[0].split(". ")[0] if text else ""
+    return text[:120] if len(text) > 3 else type(e).__name__
+
+
+def attempt_load(weights: str | Path | list, device=None, inplace: bool = True, fuse: bool = True) -> nn.Module:
+    """Load a YOLOv5 checkpoint's model (EMA if present) as an FP32 eval-mode DetectionModel on device.
+
+    names always becomes a dict {class index: name}; fuse folds BatchNorms into convs. All fixes for checkpoints
+    from older YOLOv5 / torch versions are here.
+    """
+    from models.yolo import Detect, DetectionModel
+
+    if isinstance(weights, (list, tuple)):
+        if len(weights) != 1:
+            raise UserError(f"--weights {weights}: model ensembles are not supported, give one checkpoint")
+        weights = weights[0]
+    ckpt = load_checkpoint(weights)
+    model = ckpt.get("ema") or ckpt["model"]
+    if not isinstance(model, nn.Module):
+        raise UserError(f"checkpoint {weights} holds no whole model under 'ema' or 'model' (a state_dict?)")
+    model = model.to(device if device is not None else "cpu").float()
+
+    if not hasattr(model, "stride"):
+        model.stride = torch.tensor([32.0])
+    if isinstance(getattr(model, "names", None), (list, tuple)):
+        model.names = dict(enumerate(model.names))
+
+    for m in model.modules():
+        t = type(m)
+        if t in (nn.Hardswish, nn.LeakyReLU, nn.ReLU, nn.ReLU6, nn.SiLU, Detect, DetectionModel):
+            m.inplace = inplace  # absent before torch 1.7 / YOLOv5 v5.0
+            if t is Detect and not isinstance(m.anchor_grid, list):  # a registered buffer before YOLOv5 v6.0
+                delattr(m, "anchor_grid")
+                m.anchor_grid = [torch.empty(0) for _ in range(m.nl)]
+            if t is Detect and not isinstance(m.grid, list):
+                m.grid = [torch.empty(0) for _ in range(m.nl)]
+        elif t is nn.Upsample and not hasattr(m, "recompute_scale_factor"):
+            m.recompute_scale_factor = None  # torch 1.11 compatibility
+
+    model = model.fuse().eval() if fuse and hasattr(model, "fuse") else model.eval()
+    return model
+
+
+def save_checkpoint(ckpt: dict, path: str | Path) -> None:
+    """torch.save atomically: write a temporary file in the same folder, then os.replace it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(ckpt, tmp)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    LOGGER.debug(f"saved {path}")
