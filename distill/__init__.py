@@ -1,0 +1,28 @@
+"""FGFI distillation (Wang et al., "Distilling Object Detectors with Fine-grained Feature Imitation", CVPR 2019).
+
+A small student detector learns to reproduce a frozen teacher's features near objects:
+
+- mask.py     imitation_mask: per feature level, the cells whose anchors overlap a ground-truth box well
+              (IoU > iou_factor * that box's best anchor IoU), as a [B, H, W] 0/1 map.
+- loss.py     imitation_loss: masked L2 between adapt(student feature) and teacher feature / (2 * masked cells);
+              Adapter / FeatureAdapters: the 3x3 conv mapping student channels to teacher channels;
+              feature_channels: channel counts of a model's imitated layers.
+- teacher.py  load_teacher: the frozen, eval, outside-the-student teacher with compatibility checks;
+              teacher_features: its features without grad.
+
+Training adds imitation_weight * imitation_loss to the detection loss (utils/loss.py ComputeLoss).
+"""
+
+from distill.loss import Adapter, FeatureAdapters, feature_channels, imitation_loss
+from distill.mask import imitation_mask
+from distill.teacher import load_teacher, teacher_features
+
+__all__ = (
+    "Adapter",
+    "FeatureAdapters",
+    "feature_channels",
+    "imitation_loss",
+    "imitation_mask",
+    "load_teacher",
+    "teacher_features",
+)
