@@ -1,0 +1,35 @@
+"""Shared fixtures: a tiny copy of the built-in dataset and small checkpoints, made once per test session."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def pytest_configure(config):
+    # two cores: more intra-op threads than cores only adds contention between test processes
+    import torch
+
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """A few images of the built-in synthetic dataset and a data YAML pointing at them."""
+    import yaml
+
+    from data.synthetic import NAMES, generate_dataset
+
+    root = tmp_path_factory.mktemp("tiny_synthetic")
+    generate_dataset(root, n_train=16, n_val=8, seed=1)
+    data = {"path": str(root), "train": "images/train", "val": "images/val", "names": dict(enumerate(NAMES))}
+    file = root / "tiny.yaml"
+    file.write_text(yaml.safe_dump(data, sort_keys=False))
+    return file

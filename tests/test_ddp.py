@@ -1,0 +1,47 @@
+"""Two-process DDP (gloo, CPU) training with distillation through torchrun."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from models.yolo import DetectionModel
+from utils.checkpoint import load_checkpoint, save_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_gloo_two_ranks_with_distillation(tmp_path, tiny_data):
+    torch.manual_seed(0)
+    teacher = DetectionModel("yolov5s.yaml", nc=8)
+    save_checkpoint({"epoch": -1, "model": teacher.half(), "ema": None, "optimizer": None}, tmp_path / "t.pt")
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+        "--master_port", str(_free_port()), str(ROOT / "tests/ddp_worker.py"), str(tmp_path),
+        "--cfg", "yolov5n.yaml", "--data", str(tiny_data), "--epochs", "1", "--imgsz", "96", "--batch-size", "8",
+        "--device", "cpu", "--workers", "0", "--noplots", "--ft_weights", str(tmp_path / "t.pt"),
+        "--project", str(tmp_path), "--name", "ddp", "--exist-ok",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (tmp_path / "done_rank0").exists() and (tmp_path / "done_rank1").exists()
+    a0, a1 = torch.load(tmp_path / "adapters_rank0.pt"), torch.load(tmp_path / "adapters_rank1.pt")
+    assert a0.keys() == a1.keys()
+    for k in a0:
+        assert torch.equal(a0[k], a1[k]), f"adapter {k} differs across ranks"
+    ckpt = load_checkpoint(tmp_path / "ddp/weights/last.pt")  # written by rank 0
+    for k in a0:
+        assert torch.equal(ckpt["distill"]["adapters"][k].float(), a0[k].float())
+    assert type(ckpt["model"]) is DetectionModel

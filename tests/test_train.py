@@ -1,0 +1,149 @@
+"""End-to-end training on CPU: plain, resumed, distilled (teacher wider than student) and distilled + resumed."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+
+import train
+import val
+from models.yolo import DetectionModel
+from utils.checkpoint import attempt_load, load_checkpoint, save_checkpoint
+from utils.general import UserError
+
+pytestmark = pytest.mark.slow
+
+COMMON = dict(imgsz=96, batch_size=8, device="cpu", workers=0, noplots=True, exist_ok=True, hyp="hyp.scratch-low.yaml")
+
+
+def _results(run_dir):
+    df = pd.read_csv(run_dir / "results.csv", skipinitialspace=True)
+    df.columns = [c.strip() for c in df.columns]
+    return df
+
+
+@pytest.fixture(scope="module")
+def teacher_pt(tmp_path_factory, tiny_data):
+    """A teacher twice as wide as yolov5n, saved in YOLOv5's checkpoint layout."""
+    torch.manual_seed(0)
+    model = DetectionModel("yolov5s.yaml", nc=8)
+    model.names = {i: str(i) for i in range(8)}
+    file = tmp_path_factory.mktemp("teacher") / "teacher.pt"
+    save_checkpoint({"epoch": -1, "model": model.half(), "ema": None, "optimizer": None, "opt": {}}, file)
+    return file
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def _interrupt_after_first_epoch(monkeypatch):
+    """Make the second per-epoch validation raise, as if the run was killed after epoch 0 was saved."""
+    real_run, calls = val.run, []
+
+    def fake_run(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise _Interrupt
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(train.validate, "run", fake_run)
+
+
+def test_train_one_epoch_end_to_end(tmp_path, tiny_data):
+    train.run(data=str(tiny_data), cfg="yolov5n.yaml", epochs=1, project=str(tmp_path), name="plain", **COMMON)
+    run_dir = tmp_path / "plain"
+    df = _results(run_dir)
+    assert list(df["epoch"]) == [0]
+    assert {"train/box_loss", "train/obj_loss", "train/cls_loss", "metrics/mAP_0.5:0.95", "x/lr0"} <= set(df.columns)
+    assert "train/imitation_loss" not in df.columns
+    assert (run_dir / "opt.yaml").is_file() and (run_dir / "hyp.yaml").is_file()
+    for f in ("last.pt", "best.pt"):
+        ckpt = load_checkpoint(run_dir / "weights" / f)
+        assert ckpt["optimizer"] is None and ckpt["epoch"] == -1  # stripped at the end, as YOLOv5
+        assert type(ckpt["model"]) is DetectionModel and ckpt["model"].nc == 8
+    model = attempt_load(run_dir / "weights/best.pt")
+    out = model(torch.zeros(1, 3, 96, 96))[0]
+    assert out.shape[-1] == 5 + 8
+
+
+def test_resume_continues_an_interrupted_run(tmp_path, tiny_data, monkeypatch):
+    _interrupt_after_first_epoch(monkeypatch)
+    with pytest.raises(_Interrupt):
+        train.run(data=str(tiny_data), cfg="yolov5n.yaml", epochs=2, project=str(tmp_path), name="r", **COMMON)
+    last = tmp_path / "r/weights/last.pt"
+    assert load_checkpoint(last)["epoch"] == 0
+    monkeypatch.undo()
+
+    train.run(resume=str(last))
+    df = _results(tmp_path / "r")
+    assert list(df["epoch"]) == [0, 1]  # the interrupted epoch kept, the next one appended, one header
+    assert load_checkpoint(last)["epoch"] == -1  # finished and stripped
+    with pytest.raises(UserError, match="nothing to resume"):
+        train.run(resume=str(last))
+
+
+def test_distillation_end_to_end_and_resume(tmp_path, tiny_data, teacher_pt, monkeypatch):
+    teachers = []
+    real_load_teacher = train.load_teacher
+
+    def recording_load_teacher(*args, **kwargs):
+        t = real_load_teacher(*args, **kwargs)
+        teachers.append((t, {k: v.clone() for k, v in t.state_dict().items()}))
+        return t
+
+    monkeypatch.setattr(train, "load_teacher", recording_load_teacher)
+    _interrupt_after_first_epoch(monkeypatch)
+    kwargs = dict(data=str(tiny_data), cfg="yolov5n.yaml", ft_weights=str(teacher_pt), project=str(tmp_path))
+    with pytest.raises(_Interrupt):
+        train.run(epochs=2, name="d", **kwargs, **COMMON)
+    last = tmp_path / "d/weights/last.pt"
+    ckpt = load_checkpoint(last)
+    adapters_epoch0 = ckpt["distill"]["adapters"]
+    assert ckpt["distill"]["imitation_layers"] == [16]
+    # teacher 2x wider than the student: the adapter maps 128 -> 256 channels at layer 16 of yolov5n/s
+    weight = next(v for k, v in adapters_epoch0.items() if k.endswith("weight") and v.dim() == 4)
+    assert weight.shape[:2] == (256, 128) and weight.shape[2:] == (3, 3)
+    # the saved student is a plain YOLOv5 model: no adapter or teacher tensors inside it
+    for key in ("model", "ema"):
+        assert type(ckpt[key]) is DetectionModel
+        sd = ckpt[key].state_dict()
+        assert set(sd) == set(DetectionModel("yolov5n.yaml", nc=8).state_dict())
+    # the frozen teacher: no parameter or BatchNorm statistic moved during the training epoch
+    teacher, before = teachers[0]
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+    monkeypatch.setattr(train.validate, "run", val.run)
+    restored = []
+    real_adapters = train.FeatureAdapters
+
+    class RecordingAdapters(real_adapters):
+        def load_state_dict(self, state_dict, *args, **kwargs):
+            restored.append({k: v.clone() for k, v in state_dict.items()})
+            return super().load_state_dict(state_dict, *args, **kwargs)
+
+    monkeypatch.setattr(train, "FeatureAdapters", RecordingAdapters)
+    train.run(resume=str(last))
+    assert restored and all(torch.equal(restored[0][k], adapters_epoch0[k]) for k in adapters_epoch0)
+    assert len(teachers) == 2  # the teacher was loaded again for the resumed run
+    df = _results(tmp_path / "d")
+    assert list(df["epoch"]) == [0, 1]
+    assert "train/imitation_loss" in df.columns and (df["train/imitation_loss"] > 0).all()
+    assert "val/imitation_loss" not in df.columns
+    final = load_checkpoint(last)
+    assert final["distill"]["teacher"] == str(teacher_pt)
+    assert not any(torch.equal(final["distill"]["adapters"][k], adapters_epoch0[k]) for k in adapters_epoch0
+                   if k.endswith("weight"))  # the adapter kept training after the resume
+
+
+def test_bad_flags_give_one_line_errors(tmp_path, tiny_data):
+    with pytest.raises(UserError, match="--cfg"):
+        train.run(data=str(tiny_data), cfg="no_such_model.yaml", epochs=1, project=str(tmp_path), **COMMON)
+    with pytest.raises(UserError, match="--ft_weights"):
+        train.run(data=str(tiny_data), cfg="yolov5n.yaml", ft_weights=str(tmp_path / "missing.pt"), epochs=1,
+                  project=str(tmp_path), **COMMON)
+    with pytest.raises(UserError, match="--imitation-layers"):
+        train.parse_imitation_layers("sixteen")

@@ -1,0 +1,616 @@
+"""Train a YOLOv5 detector, optionally distilled from a frozen teacher with fine-grained feature imitation (FGFI).
+
+Usage:
+    python train.py --data synthetic.yaml --cfg yolov5n.yaml --epochs 10 --img 320              # from scratch
+    python train.py --weights yolov5n.pt --data coco128.yaml --img 640                          # fine-tune
+    python train.py --weights yolov5n.pt --ft_weights yolov5l.pt --data coco128.yaml             # FGFI distillation
+    python -m torch.distributed.run --nproc_per_node 2 train.py --weights yolov5s.pt --ft_weights yolov5l.pt ...
+    python train.py --resume runs/train/exp/weights/last.pt                                     # continue a run
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import random
+import sys
+import time
+from copy import deepcopy
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.optim import lr_scheduler
+from tqdm import tqdm
+
+FILE = Path(__file__).resolve()
+ROOT = FILE.parents[0]
+if str(ROOT) not in sys.path:
+    sys.path.append(str(ROOT))
+
+import val as validate  # noqa: E402
+from distill import FeatureAdapters, feature_channels, load_teacher, teacher_features  # noqa: E402
+from models.yolo import DetectionModel  # noqa: E402
+from utils.autoanchor import check_anchors  # noqa: E402
+from utils.checkpoint import attempt_load, load_checkpoint, save_checkpoint  # noqa: E402
+from utils.dataloaders import create_dataloader  # noqa: E402
+from utils.general import (  # noqa: E402
+    LOCAL_RANK,
+    LOGGER,
+    RANK,
+    WORLD_SIZE,
+    UserError,
+    check_dataset,
+    check_file,
+    check_img_size,
+    check_yaml,
+    colorstr,
+    increment_path,
+    init_seeds,
+    intersect_dicts,
+    labels_to_class_weights,
+    labels_to_image_weights,
+    one_cycle,
+    print_args,
+    yaml_load,
+    yaml_save,
+)
+from utils.loss import ComputeLoss  # noqa: E402
+from utils.metrics import fitness  # noqa: E402
+from utils.plots import plot_images, plot_imitation_masks, plot_labels, plot_results  # noqa: E402
+from utils.torch_utils import (  # noqa: E402
+    EarlyStopping,
+    ModelEMA,
+    de_parallel,
+    select_device,
+    smart_DDP,
+    smart_optimizer,
+    torch_distributed_zero_first,
+)
+
+METRIC_KEYS = ["metrics/precision", "metrics/recall", "metrics/mAP_0.5", "metrics/mAP_0.5:0.95"]
+
+
+def train(hyp: dict | str, opt: argparse.Namespace, device: torch.device) -> tuple:
+    """Train one model; returns the final validation results (P, R, mAP50, mAP50-95, *val losses)."""
+    save_dir, epochs, batch_size, weights, single_cls, evolve, data, cfg, resume, noval, nosave, workers, freeze = (
+        Path(opt.save_dir), opt.epochs, opt.batch_size, opt.weights, opt.single_cls, opt.evolve, opt.data, opt.cfg,
+        opt.resume, opt.noval, opt.nosave, opt.workers, opt.freeze,
+    )  # fmt: skip
+    wdir = save_dir / "weights"
+    (wdir.parent if evolve else wdir).mkdir(parents=True, exist_ok=True)
+    last, best = wdir / "last.pt", wdir / "best.pt"
+
+    if isinstance(hyp, str):
+        hyp = yaml_load(check_yaml(hyp, "--hyp"))
+    hyp = dict(hyp)  # local copy: the loss gains below are scaled per model
+    LOGGER.info(colorstr("hyperparameters: ") + ", ".join(f"{k}={v}" for k, v in hyp.items()))
+    opt.hyp = hyp.copy()
+    if not evolve:
+        yaml_save(save_dir / "hyp.yaml", hyp)
+        yaml_save(save_dir / "opt.yaml", vars(opt))
+
+    plots = not evolve and not opt.noplots
+    cuda = device.type == "cuda"
+    init_seeds(opt.seed + 1 + RANK, deterministic=True)
+    with torch_distributed_zero_first(LOCAL_RANK):
+        data_dict = check_dataset(data)
+    train_path, val_path = data_dict["train"], data_dict["val"]
+    nc = 1 if single_cls else int(data_dict["nc"])
+    names = {0: "item"} if single_cls and len(data_dict["names"]) != 1 else data_dict["names"]
+
+    # Student: a checkpoint's weights transferred into a fresh model (nc may differ), or a YAML from scratch
+    ckpt = None
+    if str(weights).endswith(".pt"):
+        ckpt = load_checkpoint(check_file(weights, "--weights"))
+        src = ckpt.get("ema") or ckpt["model"]
+        model = DetectionModel(cfg or src.yaml, ch=3, nc=nc, anchors=hyp.get("anchors")).to(device)
+        exclude = ["anchor"] if (cfg or hyp.get("anchors")) and not resume else []
+        csd = intersect_dicts(src.float().state_dict(), model.state_dict(), exclude=exclude)
+        model.load_state_dict(csd, strict=False)
+        LOGGER.info(f"Transferred {len(csd)}/{len(model.state_dict())} items from {weights}")
+    else:
+        model = DetectionModel(check_yaml(cfg, "--cfg"), ch=3, nc=nc, anchors=hyp.get("anchors")).to(device)
+    amp = cuda  # mixed precision on CUDA only
+
+    freeze = [f"model.{x}." for x in (freeze if len(freeze) > 1 else range(freeze[0]))]
+    for k, v in model.named_parameters():
+        v.requires_grad = True
+        if any(x in k for x in freeze):
+            LOGGER.info(f"freezing {k}")
+            v.requires_grad = False
+
+    gs = max(int(model.stride.max()), 32)
+    imgsz = check_img_size(opt.imgsz, gs, floor=gs * 2)
+
+    # Teacher (frozen, outside the student) and the trainable adapters that map student -> teacher channels
+    teacher, adapters, layers, distill_state = None, None, None, None
+    if opt.ft_weights:
+        layers = de_parallel(model).imitation_points(opt.imitation_layers)
+        teacher = load_teacher(check_file(opt.ft_weights, "--ft_weights"), model, device, opt.imitation_layers)
+        t_layers = teacher.imitation_points(opt.imitation_layers)
+        adapters = FeatureAdapters(
+            feature_channels(model, layers, gs * 2), feature_channels(teacher, t_layers, gs * 2)
+        ).to(device)
+        if ckpt is not None and resume and ckpt.get("distill"):
+            adapters.load_state_dict(ckpt["distill"]["adapters"])
+            LOGGER.info(f"Restored imitation adapters from {weights}")
+        LOGGER.info(
+            f"{colorstr('FGFI: ')}teacher {opt.ft_weights} -> student, imitating layer(s) {layers} "
+            f"(teacher {t_layers}), weight {opt.imitation_weight}, iou_factor {opt.iou_factor}"
+        )
+    if opt.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+
+    # Optimizer: YOLOv5's three groups, plus the adapters (decayed like weights)
+    nbs = 64  # nominal batch size
+    accumulate = max(round(nbs / batch_size), 1)
+    hyp["weight_decay"] *= batch_size * accumulate / nbs
+    optimizer = smart_optimizer(model, opt.optimizer, hyp["lr0"], hyp["momentum"], hyp["weight_decay"])
+    if adapters is not None:
+        optimizer.add_param_group({"params": list(adapters.parameters()), "weight_decay": hyp["weight_decay"]})
+
+    if opt.cos_lr:
+        lf = one_cycle(1, hyp["lrf"], epochs)
+    else:
+        lf = lambda x: (1 - x / epochs) * (1.0 - hyp["lrf"]) + hyp["lrf"]  # noqa: E731
+    scheduler = lr_scheduler.LambdaLR(optimizer, lr_lambda=lf)
+    ema = ModelEMA(model) if RANK in {-1, 0} else None
+
+    best_fitness, start_epoch = 0.0, 0
+    if ckpt is not None and resume:
+        best_fitness, start_epoch, epochs = smart_resume(ckpt, optimizer, ema, weights, epochs)
+    del ckpt
+
+    if opt.sync_bn and cuda and RANK != -1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model).to(device)
+        LOGGER.info("Using SyncBatchNorm()")
+
+    # Data
+    train_loader, dataset = create_dataloader(
+        train_path, imgsz, batch_size // WORLD_SIZE, gs, single_cls, hyp=hyp, augment=True,
+        cache=None if opt.cache == "val" else opt.cache, rect=opt.rect, rank=LOCAL_RANK, workers=workers,
+        image_weights=opt.image_weights, quad=opt.quad, prefix=colorstr("train: "), shuffle=True, seed=opt.seed,
+        nc=nc,
+    )  # fmt: skip
+    labels = np.concatenate(dataset.labels, 0) if dataset.labels else np.zeros((0, 5))
+    if len(labels) and labels[:, 0].max() >= nc:
+        raise UserError(f"label class {int(labels[:, 0].max())} exceeds nc={nc} in {data}: fix the labels or names")
+    if RANK in {-1, 0}:
+        val_loader = create_dataloader(
+            val_path, imgsz, batch_size // WORLD_SIZE * 2, gs, single_cls, hyp=hyp,
+            cache=None if noval else opt.cache, rect=True, rank=-1, workers=workers * 2, pad=0.5,
+            prefix=colorstr("val: "), nc=nc,
+        )[0]  # fmt: skip
+        if not resume:
+            if not opt.noautoanchor:
+                check_anchors(dataset, model=model, thr=hyp["anchor_t"], imgsz=imgsz)
+            model.half().float()  # pre-reduce anchor precision, as YOLOv5 does
+            if plots:
+                plot_labels(labels, names, save_dir)
+
+    if cuda and RANK != -1:
+        model = smart_DDP(model)
+        if adapters is not None:
+            adapters = smart_DDP(adapters)
+    elif RANK != -1:  # CPU (gloo) DDP
+        model = nn.parallel.DistributedDataParallel(model)
+        if adapters is not None:
+            adapters = nn.parallel.DistributedDataParallel(adapters)
+
+    # Loss gains scale with the number of levels, classes and image size, as in YOLOv5
+    nl = de_parallel(model).model[-1].nl
+    hyp["box"] *= 3 / nl
+    hyp["cls"] *= nc / 80 * 3 / nl
+    hyp["obj"] *= (imgsz / 640) ** 2 * 3 / nl
+    hyp["label_smoothing"] = opt.label_smoothing
+    m = de_parallel(model)
+    m.nc, m.names = nc, names
+    m.class_weights = labels_to_class_weights(dataset.labels, nc).to(device) * nc
+
+    t0 = time.time()
+    nb = len(train_loader)
+    nw = max(round(hyp["warmup_epochs"] * nb), 100) if hyp["warmup_epochs"] > 0 else 0
+    last_opt_step = -1
+    maps = np.zeros(nc)
+    results = (0, 0, 0, 0, 0, 0, 0)
+    scheduler.last_epoch = start_epoch - 1
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
+    stopper, stop = EarlyStopping(patience=opt.patience), False
+    compute_loss = ComputeLoss(model, hyp, imitation_weight=opt.imitation_weight if teacher is not None else None)
+    loss_names = compute_loss.names
+    trainable = [p for p in model.parameters()] + ([p for p in adapters.parameters()] if adapters is not None else [])
+    LOGGER.info(
+        f"Image sizes {imgsz} train, {imgsz} val\nUsing {train_loader.num_workers} dataloader workers\n"
+        f"Logging results to {colorstr('bold', save_dir)}\nStarting training for {epochs} epochs..."
+    )
+    for epoch in range(start_epoch, epochs):
+        model.train()
+        if adapters is not None:
+            adapters.train()
+        if opt.image_weights:
+            cw = m.class_weights.cpu().numpy() * (1 - maps) ** 2 / nc
+            iw = labels_to_image_weights(dataset.labels, nc=nc, class_weights=cw)
+            dataset.indices = random.choices(range(dataset.n), weights=iw, k=dataset.n)
+        mloss = torch.zeros(len(loss_names), device=device)
+        if RANK != -1:
+            train_loader.sampler.set_epoch(epoch)
+        pbar = enumerate(train_loader)
+        LOGGER.info(
+            ("\n" + "%11s" * (4 + len(loss_names)))
+            % ("Epoch", "GPU_mem", *(f"{k[:4]}_loss" for k in loss_names), "Instances", "Size")
+        )
+        if RANK in {-1, 0}:
+            pbar = tqdm(pbar, total=nb, bar_format="{l_bar}{bar:10}{r_bar}")
+        optimizer.zero_grad()
+        for i, (imgs, targets, paths, _) in pbar:
+            ni = i + nb * epoch
+            imgs = imgs.to(device, non_blocking=True).float() / 255
+            targets = targets.to(device, non_blocking=True)
+            if opt.channels_last:
+                imgs = imgs.contiguous(memory_format=torch.channels_last)
+
+            if ni <= nw:  # warmup: bias lr falls from warmup_bias_lr, the others rise from 0
+                xi = [0, nw]
+                accumulate = max(1, np.interp(ni, xi, [1, nbs / batch_size]).round())
+                for j, x in enumerate(optimizer.param_groups):
+                    x["lr"] = np.interp(ni, xi, [hyp["warmup_bias_lr"] if j == 0 else 0.0, x["initial_lr"] * lf(epoch)])
+                    if "momentum" in x:
+                        x["momentum"] = np.interp(ni, xi, [hyp["warmup_momentum"], hyp["momentum"]])
+
+            if opt.multi_scale:
+                sz = random.randrange(int(imgsz * 0.5), int(imgsz * 1.5) + gs) // gs * gs
+                sf = sz / max(imgs.shape[2:])
+                if sf != 1:
+                    ns = [math.ceil(x * sf / gs) * gs for x in imgs.shape[2:]]
+                    imgs = nn.functional.interpolate(imgs, size=ns, mode="bilinear", align_corners=False)
+
+            with torch.autocast(device_type=device.type, enabled=amp):
+                if teacher is None:
+                    pred = model(imgs)
+                    loss, items = compute_loss(pred, targets)
+                    masks = None
+                else:
+                    pred, feats, masks = model(imgs, target=targets, imitation_layers=layers, iou_factor=opt.iou_factor)
+                    feats, masks = _as_list(feats), _as_list(masks)
+                    t_feats = teacher_features(teacher, imgs, t_layers)
+                    loss, items = compute_loss(pred, targets, teacher=t_feats, student=adapters(feats), mask=masks)
+                if RANK != -1:
+                    loss *= WORLD_SIZE  # gradients are averaged across ranks
+                if opt.quad:
+                    loss *= 4.0
+
+            scaler.scale(loss).backward()
+            if ni - last_opt_step >= accumulate:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(trainable, max_norm=10.0)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad()
+                if ema:
+                    ema.update(model)
+                last_opt_step = ni
+
+            if RANK in {-1, 0}:
+                mloss = (mloss * i + torch.stack(list(items.values()))) / (i + 1)
+                mem = f"{torch.cuda.memory_reserved() / 1e9 if torch.cuda.is_available() else 0:.3g}G"
+                pbar.set_description(
+                    ("%11s" * 2 + "%11.4g" * (2 + len(loss_names)))
+                    % (f"{epoch}/{epochs - 1}", mem, *mloss, targets.shape[0], imgs.shape[-1])
+                )
+                if plots and ni < 3:
+                    plot_images(imgs, targets, paths, save_dir / f"train_batch{ni}.jpg", names)
+                    if masks is not None:
+                        plot_imitation_masks(imgs, masks, targets, save_dir / f"imitation_masks{ni}.jpg", names)
+
+        lr = [x["lr"] for x in optimizer.param_groups[:3]]
+        scheduler.step()
+
+        if RANK in {-1, 0}:
+            ema.update_attr(model, include=["yaml", "nc", "names", "stride", "class_weights"])
+            final_epoch = (epoch + 1 == epochs) or stopper.possible_stop
+            if not noval or final_epoch:
+                results, maps, _ = validate.run(
+                    data_dict, batch_size=batch_size // WORLD_SIZE * 2, imgsz=imgsz, half=amp, model=ema.ema,
+                    single_cls=single_cls, dataloader=val_loader, save_dir=save_dir, plots=False,
+                    compute_loss=compute_loss,
+                )  # fmt: skip
+            fi = float(fitness(np.array(results[:4]).reshape(1, -1))[0])
+            stop = stopper(epoch=epoch, fitness=fi)
+            best_fitness = max(best_fitness, fi)
+            val_losses = dict(zip(loss_names, results[4:]))
+            row = {f"train/{k}_loss": float(v) for k, v in zip(loss_names, mloss)}
+            row.update(dict(zip(METRIC_KEYS, (float(x) for x in results[:4]))))
+            row.update({f"val/{k}_loss": float(v) for k, v in val_losses.items() if k != "imitation"})
+            row.update({f"x/lr{j}": float(x) for j, x in enumerate(lr)})
+            append_results(save_dir / "results.csv", epoch, row)
+
+            if (not nosave) or (final_epoch and not evolve):
+                ckpt = {
+                    "epoch": epoch,
+                    "best_fitness": best_fitness,
+                    "model": deepcopy(de_parallel(model)).half(),
+                    "ema": deepcopy(ema.ema).half(),
+                    "updates": ema.updates,
+                    "optimizer": optimizer.state_dict(),
+                    "opt": {k: str(v) if isinstance(v, Path) else v for k, v in vars(opt).items()},
+                    "git": None,
+                    "date": datetime.now().isoformat(),
+                    "distill": distill_state_dict(adapters, opt, layers) if adapters is not None else None,
+                }
+                save_checkpoint(ckpt, last)
+                if best_fitness == fi:
+                    save_checkpoint(ckpt, best)
+                if opt.save_period > 0 and epoch % opt.save_period == 0:
+                    save_checkpoint(ckpt, wdir / f"epoch{epoch}.pt")
+                del ckpt
+
+        if RANK != -1:  # every rank stops together
+            flag = [stop if RANK == 0 else None]
+            dist.broadcast_object_list(flag, 0)
+            stop = flag[0]
+        if stop:
+            break
+
+    if RANK in {-1, 0}:
+        LOGGER.info(f"\n{epoch - start_epoch + 1} epochs completed in {(time.time() - t0) / 3600:.3f} hours.")
+        for f in last, best:
+            if f.exists():
+                strip_optimizer(f)
+                if f is best and not evolve:
+                    LOGGER.info(f"\nValidating {f}...")
+                    results, _, _ = validate.run(
+                        data_dict, batch_size=batch_size // WORLD_SIZE * 2, imgsz=imgsz,
+                        model=attempt_load(f, device).half() if amp else attempt_load(f, device),
+                        iou_thres=0.60, single_cls=single_cls, dataloader=val_loader, save_dir=save_dir,
+                        verbose=True, plots=plots, compute_loss=compute_loss, half=amp,
+                    )  # fmt: skip
+        if plots and (save_dir / "results.csv").exists():
+            plot_results(file=save_dir / "results.csv")
+        LOGGER.info(f"Results saved to {colorstr('bold', save_dir)}")
+    torch.cuda.empty_cache()
+    return results
+
+
+def _as_list(x):
+    return x if isinstance(x, (list, tuple)) else [x]
+
+
+def distill_state_dict(adapters: nn.Module, opt: argparse.Namespace, layers: list[int]) -> dict:
+    """What a distillation run needs beside the student to resume: adapters and the imitation settings."""
+    return {
+        "adapters": {k: v.detach().clone() for k, v in de_parallel(adapters).state_dict().items()},
+        "teacher": str(opt.ft_weights),
+        "imitation_layers": list(layers),
+        "iou_factor": float(opt.iou_factor),
+        "imitation_weight": float(opt.imitation_weight),
+    }
+
+
+def smart_resume(ckpt: dict, optimizer, ema, weights, epochs: int) -> tuple[float, int, int]:
+    """Restore optimizer, EMA and epoch counters from a last.pt; returns (best_fitness, start_epoch, epochs)."""
+    best_fitness = float(ckpt.get("best_fitness") or 0.0)
+    if ckpt.get("optimizer") is not None:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    if ema and ckpt.get("ema") is not None:
+        ema.ema.load_state_dict(ckpt["ema"].float().state_dict())
+        ema.updates = ckpt["updates"]
+    start_epoch = ckpt["epoch"] + 1
+    if start_epoch <= 0:
+        raise UserError(f"{weights} finished training (its optimizer was stripped): nothing to resume")
+    if start_epoch >= epochs:
+        raise UserError(f"{weights} already trained {start_epoch} of {epochs} epochs: nothing to resume")
+    LOGGER.info(f"Resuming training from {weights} from epoch {start_epoch} to {epochs} total epochs")
+    return best_fitness, start_epoch, epochs
+
+
+def strip_optimizer(f: Path) -> None:
+    """Make a finished checkpoint small: EMA becomes the model, optimizer dropped, epoch -1 (as YOLOv5)."""
+    x = load_checkpoint(f)
+    if x.get("ema") is not None:
+        x["model"] = x["ema"]
+    for k in "optimizer", "best_fitness", "ema", "updates":
+        x[k] = None
+    x["epoch"] = -1
+    x["model"].half()
+    for p in x["model"].parameters():
+        p.requires_grad = False
+    save_checkpoint(x, f)
+    LOGGER.info(f"Optimizer stripped from {f}, {os.path.getsize(f) / 1e6:.1f}MB")
+
+
+def append_results(file: Path, epoch: int, row: dict) -> None:
+    """One results.csv row per epoch, YOLOv5's fixed-width CSV; the header comes from the row's keys."""
+    keys = ["epoch", *row]
+    n = len(keys)
+    header = "" if file.exists() else ("%20s," * n % tuple(keys)).rstrip(",") + "\n"
+    with open(file, "a") as f:
+        f.write(header + ("%20.5g," * n % (epoch, *row.values())).rstrip(",") + "\n")
+
+
+def parse_opt(known: bool = False) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--weights", type=str, default="", help="initial weights path (a YOLOv5 .pt)")
+    parser.add_argument("--cfg", type=str, default="", help="model.yaml path, e.g. models/yolov5s.yaml")
+    parser.add_argument("--data", type=str, default=str(ROOT / "data/synthetic.yaml"), help="dataset.yaml path")
+    parser.add_argument("--hyp", type=str, default=str(ROOT / "data/hyps/hyp.scratch-low.yaml"), help="hyp path")
+    parser.add_argument("--epochs", type=int, default=100, help="total training epochs")
+    parser.add_argument("--batch-size", type=int, default=16, help="total batch size for all GPUs")
+    parser.add_argument("--imgsz", "--img", "--img-size", type=int, default=640, help="train, val image size (px)")
+    parser.add_argument("--rect", action="store_true", help="rectangular training")
+    parser.add_argument("--resume", nargs="?", const=True, default=False, help="resume most recent training")
+    parser.add_argument("--nosave", action="store_true", help="only save final checkpoint")
+    parser.add_argument("--noval", action="store_true", help="only validate final epoch")
+    parser.add_argument("--noautoanchor", action="store_true", help="disable AutoAnchor")
+    parser.add_argument("--noplots", action="store_true", help="save no plot files")
+    parser.add_argument("--evolve", type=int, nargs="?", const=300, help="evolve hyperparameters for x generations")
+    parser.add_argument("--cache", type=str, nargs="?", const="ram", help="image --cache ram/disk")
+    parser.add_argument("--image-weights", action="store_true", help="use weighted image selection for training")
+    parser.add_argument("--device", default="", help="cuda device, i.e. 0 or 0,1,2,3 or cpu")
+    parser.add_argument("--multi-scale", action="store_true", help="vary img-size +/- 50%%")
+    parser.add_argument("--single-cls", action="store_true", help="train multi-class data as single-class")
+    parser.add_argument("--optimizer", type=str, choices=["SGD", "Adam", "AdamW"], default="SGD", help="optimizer")
+    parser.add_argument("--sync-bn", action="store_true", help="use SyncBatchNorm, only available in DDP mode")
+    parser.add_argument("--workers", type=int, default=8, help="max dataloader workers (per RANK in DDP mode)")
+    parser.add_argument("--project", default=str(ROOT / "runs/train"), help="save to project/name")
+    parser.add_argument("--name", default="exp", help="save to project/name")
+    parser.add_argument("--exist-ok", action="store_true", help="existing project/name ok, do not increment")
+    parser.add_argument("--quad", action="store_true", help="quad dataloader")
+    parser.add_argument("--cos-lr", action="store_true", help="cosine LR scheduler")
+    parser.add_argument("--label-smoothing", type=float, default=0.0, help="Label smoothing epsilon")
+    parser.add_argument("--patience", type=int, default=100, help="EarlyStopping patience (epochs without improvement)")
+    parser.add_argument("--freeze", nargs="+", type=int, default=[0], help="Freeze layers: backbone=10, first3=0 1 2")
+    parser.add_argument("--save-period", type=int, default=-1, help="Save checkpoint every x epochs (disabled if < 1)")
+    parser.add_argument("--seed", type=int, default=0, help="Global training seed")
+    parser.add_argument("--local_rank", type=int, default=-1, help="Automatic DDP Multi-GPU argument, do not modify")
+    # FGFI distillation
+    parser.add_argument("--ft_weights", "--ft-weights", type=str, default="", help="teacher weights: enables FGFI")
+    parser.add_argument("--imitation-weight", type=float, default=None, help="imitation loss gain (default: hyp 0.01)")
+    parser.add_argument("--iou-factor", type=float, default=0.5, help="FGFI psi: keep anchors with IoU > psi * max IoU")
+    parser.add_argument(
+        "--imitation-layers", type=str, default="default",
+        help="imitated layers: 'default' (the stride-8 neck Concat), 'detect' (P3/P4/P5 inputs) or indices '17,20,23'",
+    )  # fmt: skip
+    parser.add_argument("--channels-last", action="store_true", help="channels_last memory format (CUDA speed)")
+    return parser.parse_known_args()[0] if known else parser.parse_args()
+
+
+def parse_imitation_layers(value) -> None | str | list[int]:
+    if value in (None, "", "default"):
+        return None
+    if isinstance(value, (list, tuple)):
+        return [int(x) for x in value]
+    if value == "detect":
+        return "detect"
+    try:
+        return [int(x) for x in str(value).replace(" ", "").split(",") if x]
+    except ValueError:
+        raise UserError(f"--imitation-layers '{value}': use 'default', 'detect' or layer indices like 17,20,23")
+
+
+def main(opt: argparse.Namespace) -> tuple | None:
+    if RANK in {-1, 0}:
+        print_args(vars(opt), "train")
+
+    if opt.resume and not opt.evolve:  # continue an interrupted run with its own options
+        last = Path(opt.resume if isinstance(opt.resume, str) else get_latest_run())
+        if not last.is_file():
+            raise UserError(f"--resume {last}: checkpoint not found; pass the run's weights/last.pt")
+        opt_yaml = last.parent.parent / "opt.yaml"
+        saved = yaml_load(opt_yaml) if opt_yaml.is_file() else load_checkpoint(last)["opt"]
+        device_arg = opt.device
+        opt = argparse.Namespace(**saved)
+        opt.cfg, opt.weights, opt.resume, opt.device = "", str(last), True, device_arg or saved.get("device", "")
+        opt.save_dir = str(last.parent.parent)
+    else:
+        opt.data, opt.cfg, opt.hyp = (check_file(opt.data, "--data"), str(opt.cfg), check_yaml(opt.hyp, "--hyp"))
+        if opt.cfg:
+            opt.cfg = check_yaml(opt.cfg, "--cfg")
+        if not (opt.cfg or opt.weights):
+            raise UserError("either --cfg (a model YAML) or --weights (a .pt) must be given")
+        if opt.evolve:
+            opt.project = str(ROOT / "runs/evolve") if opt.project == str(ROOT / "runs/train") else opt.project
+            opt.exist_ok, opt.resume = opt.resume, False
+        opt.save_dir = str(increment_path(Path(opt.project) / opt.name, exist_ok=opt.exist_ok))
+    opt.imitation_layers = parse_imitation_layers(getattr(opt, "imitation_layers", None))
+    if opt.ft_weights and opt.imitation_weight is None:
+        opt.imitation_weight = float(yaml_load(check_yaml(opt.hyp, "--hyp")).get("imitation", 0.01))
+
+    device = select_device(opt.device, batch_size=opt.batch_size)
+    if LOCAL_RANK != -1:
+        if opt.batch_size % WORLD_SIZE:
+            raise UserError(f"--batch-size {opt.batch_size} must be a multiple of WORLD_SIZE {WORLD_SIZE}")
+        if opt.image_weights or opt.evolve:
+            raise UserError("--image-weights and --evolve are not supported with DDP training")
+        if torch.cuda.is_available() and device.type == "cuda":
+            torch.cuda.set_device(LOCAL_RANK)
+            device = torch.device("cuda", LOCAL_RANK)
+        backend = "nccl" if device.type == "cuda" and dist.is_nccl_available() else "gloo"
+        dist.init_process_group(backend=backend, timeout=timedelta(seconds=10800))
+
+    try:
+        if not opt.evolve:
+            return train(opt.hyp, opt, device)
+        return evolve(opt, device)
+    finally:
+        if WORLD_SIZE > 1 and dist.is_initialized() and RANK == 0:
+            LOGGER.info("Destroying process group... ")
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def get_latest_run(search_dir: str | Path = ROOT / "runs") -> str:
+    runs = sorted(Path(search_dir).glob("**/last*.pt"), key=os.path.getctime)
+    if not runs:
+        raise UserError(f"--resume: no last.pt found under {search_dir}; pass the checkpoint path")
+    return str(runs[-1])
+
+
+# Hyperparameter evolution: (mutation scale 0-1, lower limit, upper limit) per key, YOLOv5's search space
+EVOLVE_META = {
+    "lr0": (1, 1e-5, 1e-1), "lrf": (1, 0.01, 1.0), "momentum": (0.3, 0.6, 0.98), "weight_decay": (1, 0.0, 0.001),
+    "warmup_epochs": (1, 0.0, 5.0), "warmup_momentum": (1, 0.0, 0.95), "warmup_bias_lr": (1, 0.0, 0.2),
+    "box": (1, 0.02, 0.2), "cls": (1, 0.2, 4.0), "cls_pw": (1, 0.5, 2.0), "obj": (1, 0.2, 4.0),
+    "obj_pw": (1, 0.5, 2.0), "iou_t": (0, 0.1, 0.7), "anchor_t": (1, 2.0, 8.0), "fl_gamma": (0, 0.0, 2.0),
+    "hsv_h": (1, 0.0, 0.1), "hsv_s": (1, 0.0, 0.9), "hsv_v": (1, 0.0, 0.9), "degrees": (1, 0.0, 45.0),
+    "translate": (1, 0.0, 0.9), "scale": (1, 0.0, 0.9), "shear": (1, 0.0, 10.0), "perspective": (0, 0.0, 0.001),
+    "flipud": (1, 0.0, 1.0), "fliplr": (0, 0.0, 1.0), "mosaic": (1, 0.0, 1.0), "mixup": (1, 0.0, 1.0),
+    "copy_paste": (1, 0.0, 1.0),
+}  # fmt: skip
+
+
+def evolve(opt: argparse.Namespace, device: torch.device) -> tuple:
+    """Genetic hyperparameter search as YOLOv5: mutate the best of evolve.csv, train, append the result."""
+    import pandas as pd
+
+    hyp = yaml_load(check_yaml(opt.hyp, "--hyp"))
+    keys = [k for k in EVOLVE_META if k in hyp]
+    opt.noval, opt.nosave = True, True
+    save_dir = Path(opt.save_dir)
+    save_dir.mkdir(parents=True, exist_ok=True)
+    evolve_csv = save_dir / "evolve.csv"
+    rng = np.random.default_rng(opt.seed)
+    results = ()
+    for _ in tqdm(range(opt.evolve), desc="Evolving hyperparameters"):
+        if evolve_csv.exists():  # mutate a fitness-weighted parent among the best five
+            df = pd.read_csv(evolve_csv, skipinitialspace=True)
+            df.columns = [c.strip() for c in df.columns]
+            df = df.sort_values("fitness", ascending=False).head(5)
+            w = df["fitness"].to_numpy() - df["fitness"].min() + 1e-6
+            parent = df.iloc[int(rng.choice(len(df), p=w / w.sum()))]
+            scale = np.array([EVOLVE_META[k][0] for k in keys])
+            v = np.ones(len(keys))
+            while np.all(v == 1):  # mutate until something changes
+                v = (rng.random(len(keys)) < 0.8) * rng.standard_normal(len(keys)) * rng.random() * scale * 0.2 + 1
+                v = v.clip(0.3, 3.0)
+            for k, x in zip(keys, v):
+                hyp[k] = float(parent[k] * x)
+        for k in keys:
+            lo, hi = EVOLVE_META[k][1:]
+            hyp[k] = round(min(max(hyp[k], lo), hi), 5)
+        results = train(hyp.copy(), opt, device)
+        fi = float(fitness(np.array(results[:4]).reshape(1, -1))[0])
+        row = pd.DataFrame([{**dict(zip(METRIC_KEYS, results[:4])), "fitness": fi, **{k: hyp[k] for k in keys}}])
+        row.to_csv(evolve_csv, mode="a", header=not evolve_csv.exists(), index=False)
+    LOGGER.info(f"Hyperparameter evolution finished; results in {colorstr('bold', evolve_csv)}")
+    return results
+
+
+def run(**kwargs) -> tuple | None:
+    """Python entry: train.run(data='synthetic.yaml', cfg='yolov5n.yaml', epochs=1, imgsz=320)."""
+    opt = parse_opt(True)
+    for k, v in kwargs.items():
+        setattr(opt, k, v)
+    return main(opt)
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_opt())
+    except UserError as e:
+        LOGGER.error(f"ERROR: {e}")
+        sys.exit(1)
