@@ -92,7 +92,8 @@ def test_plot_images_labels_and_predictions(tmp_path):
     written = cv2.imread(str(f))
     assert written.shape == (3 * 64, 3 * 96, 3)  # 5 images -> 3 x 3 grid
     assert mosaic.shape == written.shape
-    assert (written[128:, 96:] > 240).all()  # unused tiles stay white (image 5 is column 2, row 0)
+    assert (mosaic[128:, 96:] == 255).all()  # unused tiles stay white (image 5 is column 2, row 0)
+    assert np.median(written[128:, 96:]) > 250  # and survive JPEG encoding (which rings near tile edges)
 
     preds = np.array([[1, 0, 48.0, 32.0, 30.0, 20.0, 0.9], [1, 0, 20.0, 20.0, 10.0, 10.0, 0.1]])  # pixels + conf
     out = plot_images(images[:2].numpy() * 255, preds, fname=tmp_path / "val_pred.jpg")
