@@ -10,8 +10,9 @@ import torch
 
 from data.synthetic import IMAGE_SIZES, NAMES, generate_dataset
 from data.synthetic import main as synthetic_main
-from utils.dataloaders import LoadImages, LoadImagesAndLabels, create_dataloader, verify_image_label
+from utils.dataloaders import LoadImages, LoadImagesAndLabels, create_dataloader
 from utils.general import LOGGER, UserError
+from utils.labels import verify_image_label
 
 
 def write_image(path: Path, w: int = 64, h: int = 48, value: int = 0) -> Path:
