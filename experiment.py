@@ -29,12 +29,30 @@ from utils.general import LOGGER, UserError, colorstr  # noqa: E402
 # Each preset: teacher / student models, image size, epochs (teacher trains teacher_epochs), batch, dataset
 PRESETS = {
     "cpu": dict(
-        teacher="yolov5s.yaml", student="yolov5n.yaml", imgsz=256, epochs=12, teacher_epochs=24, batch=32,
-        data="synthetic.yaml", device="cpu", workers=2,
+        teacher="yolov5s.yaml",
+        student="yolov5n.yaml",
+        imgsz=192,
+        epochs=8,
+        teacher_epochs=8,
+        batch=16,
+        data="synthetic.yaml",
+        device="cpu",
+        workers=2,
+        hyp="hyp.short.yaml",
+        optimizer="AdamW",
     ),
     "gpu": dict(
-        teacher="yolov5m.yaml", student="yolov5n.yaml", imgsz=320, epochs=60, teacher_epochs=120, batch=64,
-        data="synthetic.yaml", device="", workers=8,
+        teacher="yolov5m.yaml",
+        student="yolov5n.yaml",
+        imgsz=320,
+        epochs=60,
+        teacher_epochs=120,
+        batch=64,
+        data="synthetic.yaml",
+        device="",
+        workers=8,
+        hyp="hyp.short.yaml",
+        optimizer="AdamW",
     ),
 }
 
@@ -55,7 +73,7 @@ def run_experiment(
     project = Path(project)
     common = dict(
         data=cfg["data"], imgsz=cfg["imgsz"], batch_size=cfg["batch"], device=cfg["device"], workers=cfg["workers"],
-        project=str(project), exist_ok=True, seed=seed, noplots=False,
+        project=str(project), exist_ok=True, seed=seed, noplots=False, hyp=cfg["hyp"], optimizer=cfg["optimizer"],
     )  # fmt: skip
     t0 = time.time()
     timings = {}
@@ -94,7 +112,9 @@ def run_experiment(
         f"{epochs} epochs). A single seed on a short schedule: differences below ~0.01 are within run-to-run noise."
     )
     (project / "results.md").write_text(f"{table}\n\n{verdict}\n")
-    LOGGER.info(f"\n{table}\n\n{verdict}\nTotal {(time.time() - t0) / 60:.1f} min; saved to {colorstr('bold', project)}")
+    LOGGER.info(
+        f"\n{table}\n\n{verdict}\nTotal {(time.time() - t0) / 60:.1f} min; saved to {colorstr('bold', project)}"
+    )
     return df
 
 
@@ -113,7 +133,9 @@ def parse_opt() -> argparse.Namespace:
 if __name__ == "__main__":
     opt = parse_opt()
     try:
-        run_experiment(opt.preset, opt.teacher, opt.project, opt.epochs, opt.teacher_epochs, opt.seed, device=opt.device)
+        run_experiment(
+            opt.preset, opt.teacher, opt.project, opt.epochs, opt.teacher_epochs, opt.seed, device=opt.device
+        )
     except UserError as e:
         LOGGER.error(f"ERROR: {e}")
         sys.exit(1)

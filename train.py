@@ -69,6 +69,7 @@ from utils.torch_utils import (  # noqa: E402
     select_device,
     smart_DDP,
     smart_optimizer,
+    smart_resume,
     torch_distributed_zero_first,
 )
 
@@ -128,7 +129,7 @@ def train(hyp: dict | str, opt: argparse.Namespace, device: torch.device) -> tup
     imgsz = check_img_size(opt.imgsz, gs, floor=gs * 2)
 
     # Teacher (frozen, outside the student) and the trainable adapters that map student -> teacher channels
-    teacher, adapters, layers, distill_state = None, None, None, None
+    teacher, adapters, layers, t_layers = None, None, None, None
     if opt.ft_weights:
         layers = de_parallel(model).imitation_points(opt.imitation_layers)
         teacher = load_teacher(check_file(opt.ft_weights, "--ft_weights"), model, device, opt.imitation_layers)
@@ -163,7 +164,8 @@ def train(hyp: dict | str, opt: argparse.Namespace, device: torch.device) -> tup
 
     best_fitness, start_epoch = 0.0, 0
     if ckpt is not None and resume:
-        best_fitness, start_epoch, epochs = smart_resume(ckpt, optimizer, ema, weights, epochs)
+        best_fitness, start_epoch, epochs = smart_resume(ckpt, optimizer, ema, weights, epochs, resume)
+        LOGGER.info(f"Resuming training from {weights} from epoch {start_epoch} to {epochs} total epochs")
     del ckpt
 
     if opt.sync_bn and cuda and RANK != -1:
@@ -391,23 +393,6 @@ def distill_state_dict(adapters: nn.Module, opt: argparse.Namespace, layers: lis
     }
 
 
-def smart_resume(ckpt: dict, optimizer, ema, weights, epochs: int) -> tuple[float, int, int]:
-    """Restore optimizer, EMA and epoch counters from a last.pt; returns (best_fitness, start_epoch, epochs)."""
-    best_fitness = float(ckpt.get("best_fitness") or 0.0)
-    if ckpt.get("optimizer") is not None:
-        optimizer.load_state_dict(ckpt["optimizer"])
-    if ema and ckpt.get("ema") is not None:
-        ema.ema.load_state_dict(ckpt["ema"].float().state_dict())
-        ema.updates = ckpt["updates"]
-    start_epoch = ckpt["epoch"] + 1
-    if start_epoch <= 0:
-        raise UserError(f"{weights} finished training (its optimizer was stripped): nothing to resume")
-    if start_epoch >= epochs:
-        raise UserError(f"{weights} already trained {start_epoch} of {epochs} epochs: nothing to resume")
-    LOGGER.info(f"Resuming training from {weights} from epoch {start_epoch} to {epochs} total epochs")
-    return best_fitness, start_epoch, epochs
-
-
 def strip_optimizer(f: Path) -> None:
     """Make a finished checkpoint small: EMA becomes the model, optimizer dropped, epoch -1 (as YOLOv5)."""
     x = load_checkpoint(f)
@@ -432,7 +417,7 @@ def append_results(file: Path, epoch: int, row: dict) -> None:
         f.write(header + ("%20.5g," * n % (epoch, *row.values())).rstrip(",") + "\n")
 
 
-def parse_opt(known: bool = False) -> argparse.Namespace:
+def parse_opt(known: bool = False, args: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     parser.add_argument("--weights", type=str, default="", help="initial weights path (a YOLOv5 .pt)")
     parser.add_argument("--cfg", type=str, default="", help="model.yaml path, e.g. models/yolov5s.yaml")
@@ -476,7 +461,7 @@ def parse_opt(known: bool = False) -> argparse.Namespace:
         help="imitated layers: 'default' (the stride-8 neck Concat), 'detect' (P3/P4/P5 inputs) or indices '17,20,23'",
     )  # fmt: skip
     parser.add_argument("--channels-last", action="store_true", help="channels_last memory format (CUDA speed)")
-    return parser.parse_known_args()[0] if known else parser.parse_args()
+    return parser.parse_known_args(args)[0] if known else parser.parse_args(args)
 
 
 def parse_imitation_layers(value) -> None | str | list[int]:
@@ -489,7 +474,9 @@ def parse_imitation_layers(value) -> None | str | list[int]:
     try:
         return [int(x) for x in str(value).replace(" ", "").split(",") if x]
     except ValueError:
-        raise UserError(f"--imitation-layers '{value}': use 'default', 'detect' or layer indices like 17,20,23")
+        raise UserError(
+            f"--imitation-layers '{value}': use 'default', 'detect' or layer indices like 17,20,23"
+        ) from None
 
 
 def main(opt: argparse.Namespace) -> tuple | None:
@@ -602,7 +589,7 @@ def evolve(opt: argparse.Namespace, device: torch.device) -> tuple:
 
 def run(**kwargs) -> tuple | None:
     """Python entry: train.run(data='synthetic.yaml', cfg='yolov5n.yaml', epochs=1, imgsz=320)."""
-    opt = parse_opt(True)
+    opt = parse_opt(True, args=[])  # defaults only: the caller's own command line is not ours to read
     for k, v in kwargs.items():
         setattr(opt, k, v)
     return main(opt)

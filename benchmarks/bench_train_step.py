@@ -5,6 +5,7 @@ Median wall time of one optimizer step for:
   teacher      the frozen teacher's forward alone (no_grad, fp16 on CUDA, up to the imitated layer)
   distill      the full distillation step (student + teacher + mask + adapter + imitation loss)
   mask, imit   the imitation mask and the imitation loss (forward + backward) alone
+  adapter      the 3x3 adapter convs (student -> teacher channels), forward + backward
 plus val (eval forward + NMS) images/s and, on CUDA, peak memory. Random images and ~7 random boxes per image.
 
     python benchmarks/bench_train_step.py                               # CPU: yolov5n <- yolov5s at 320, batch 16
@@ -70,9 +71,9 @@ def main(opt: argparse.Namespace) -> dict:
         teacher.half()
     layers = student.imitation_points(opt.imitation_layers)
     t_layers = teacher.imitation_points(opt.imitation_layers)
-    adapters = FeatureAdapters(
-        feature_channels(student, layers, 64), feature_channels(teacher, t_layers, 64)
-    ).to(device)
+    adapters = FeatureAdapters(feature_channels(student, layers, 64), feature_channels(teacher, t_layers, 64)).to(
+        device
+    )
     if opt.channels_last:
         student.to(memory_format=torch.channels_last)
         adapters.to(memory_format=torch.channels_last)
@@ -127,10 +128,17 @@ def main(opt: argparse.Namespace) -> dict:
     s_feat = [f.detach().float().requires_grad_(True) for f in feats]
     masks = [imitation_mask(targets, a, (s[0], s[2], s[3])).unsqueeze(1) for a, s in level_anchors]
 
-    def imit_only():
-        adapted = adapters(s_feat)
-        loss = sum(imitation_loss(a, t, m) for a, t, m in zip(adapted, t_feats, masks))
+    with torch.no_grad():
+        adapted_feat = [a.float().requires_grad_(True) for a in adapters(s_feat)]
+
+    def imit_only():  # the loss alone, on already-adapted features
+        loss = sum(imitation_loss(a, t, m) for a, t, m in zip(adapted_feat, t_feats, masks))
         loss.backward()
+
+    def adapter_only():  # the 3x3 adapter convs, forward + backward
+        with torch.autocast(device.type, enabled=cuda):
+            out = adapters(s_feat)
+        sum(o.float().mean() for o in out).backward()
 
     def val_step():
         student.eval()
@@ -141,7 +149,7 @@ def main(opt: argparse.Namespace) -> dict:
     w, n = opt.warmup, opt.iters
     figures = {}
     for name, fn in (("plain", plain), ("teacher", teacher_only), ("distill", distill), ("mask", mask_only),
-                     ("imit", imit_only), ("val", val_step)):  # fmt: skip
+                     ("imit", imit_only), ("adapter", adapter_only), ("val", val_step)):  # fmt: skip
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         figures[name] = median_ms(fn, device, w, n)
@@ -156,7 +164,8 @@ def main(opt: argparse.Namespace) -> dict:
     print(f"{'step':<28}{'median ms':>12}{'images/s':>12}" + (f"{'peak GB':>10}" if cuda else ""))
     labels = {
         "plain": "plain student step", "teacher": "teacher forward alone", "distill": "distillation step",
-        "mask": "imitation mask", "imit": "imitation loss fwd+bwd", "val": "val forward + NMS",
+        "mask": "imitation mask", "imit": "imitation loss fwd+bwd", "adapter": "adapter conv fwd+bwd",
+        "val": "val forward + NMS",
     }  # fmt: skip
     for k, label in labels.items():
         mem = f"{figures[k + '_mem_gb']:>10.2f}" if cuda else ""

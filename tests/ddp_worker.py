@@ -1,6 +1,6 @@
 """Run train.py under torchrun and save each rank's adapter weights, so a test can compare them across ranks.
 
-    python -m torch.distributed.run --nproc_per_node 2 tests/ddp_worker.py OUT_DIR <train.py flags>
+python -m torch.distributed.run --nproc_per_node 2 tests/ddp_worker.py OUT_DIR <train.py flags>
 """
 
 import os

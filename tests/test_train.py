@@ -135,15 +135,24 @@ def test_distillation_end_to_end_and_resume(tmp_path, tiny_data, teacher_pt, mon
     assert "val/imitation_loss" not in df.columns
     final = load_checkpoint(last)
     assert final["distill"]["teacher"] == str(teacher_pt)
-    assert not any(torch.equal(final["distill"]["adapters"][k], adapters_epoch0[k]) for k in adapters_epoch0
-                   if k.endswith("weight"))  # the adapter kept training after the resume
+    assert not any(
+        torch.equal(final["distill"]["adapters"][k], adapters_epoch0[k])
+        for k in adapters_epoch0
+        if k.endswith("weight")
+    )  # the adapter kept training after the resume
 
 
 def test_bad_flags_give_one_line_errors(tmp_path, tiny_data):
     with pytest.raises(UserError, match="--cfg"):
         train.run(data=str(tiny_data), cfg="no_such_model.yaml", epochs=1, project=str(tmp_path), **COMMON)
     with pytest.raises(UserError, match="--ft_weights"):
-        train.run(data=str(tiny_data), cfg="yolov5n.yaml", ft_weights=str(tmp_path / "missing.pt"), epochs=1,
-                  project=str(tmp_path), **COMMON)
+        train.run(
+            data=str(tiny_data),
+            cfg="yolov5n.yaml",
+            ft_weights=str(tmp_path / "missing.pt"),
+            epochs=1,
+            project=str(tmp_path),
+            **COMMON,
+        )
     with pytest.raises(UserError, match="--imitation-layers"):
         train.parse_imitation_layers("sixteen")
