@@ -135,7 +135,7 @@ def train(hyp: dict | str, opt: argparse.Namespace, device: torch.device) -> tup
         teacher = load_teacher(check_file(opt.ft_weights, "--ft_weights"), model, device, opt.imitation_layers)
         t_layers = teacher.imitation_points(opt.imitation_layers)
         adapters = FeatureAdapters(
-            feature_channels(model, layers, gs * 2), feature_channels(teacher, t_layers, gs * 2)
+            feature_channels(model, layers, gs * 2), feature_channels(teacher, t_layers, gs * 2), opt.adapter_kernel
         ).to(device)
         if ckpt is not None and resume and ckpt.get("distill"):
             adapters.load_state_dict(ckpt["distill"]["adapters"])
@@ -390,6 +390,7 @@ def distill_state_dict(adapters: nn.Module, opt: argparse.Namespace, layers: lis
         "imitation_layers": list(layers),
         "iou_factor": float(opt.iou_factor),
         "imitation_weight": float(opt.imitation_weight),
+        "adapter_kernel": int(opt.adapter_kernel),
     }
 
 
@@ -460,6 +461,7 @@ def parse_opt(known: bool = False, args: list[str] | None = None) -> argparse.Na
         "--imitation-layers", type=str, default="default",
         help="imitated layers: 'default' (the stride-8 neck Concat), 'detect' (P3/P4/P5 inputs) or indices '17,20,23'",
     )  # fmt: skip
+    parser.add_argument("--adapter-kernel", type=int, default=3, help="adapter conv size: 3 (paper) or 1 (cheaper)")
     parser.add_argument("--channels-last", action="store_true", help="channels_last memory format (CUDA speed)")
     return parser.parse_known_args(args)[0] if known else parser.parse_args(args)
 
@@ -504,6 +506,7 @@ def main(opt: argparse.Namespace) -> tuple | None:
             opt.exist_ok, opt.resume = opt.resume, False
         opt.save_dir = str(increment_path(Path(opt.project) / opt.name, exist_ok=opt.exist_ok))
     opt.imitation_layers = parse_imitation_layers(getattr(opt, "imitation_layers", None))
+    opt.adapter_kernel = int(getattr(opt, "adapter_kernel", 3))
     if opt.ft_weights and opt.imitation_weight is None:
         opt.imitation_weight = float(yaml_load(check_yaml(opt.hyp, "--hyp")).get("imitation", 0.01))
 

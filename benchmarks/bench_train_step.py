@@ -160,7 +160,7 @@ def main(opt: argparse.Namespace) -> dict:
     share = (figures["mask"] + figures["imit"]) / figures["distill"]
     name = torch.cuda.get_device_name(device) if cuda else f"CPU ({torch.get_num_threads()} threads)"
     print(f"device {name}, torch {torch.__version__}, {opt.student} <- {opt.teacher}, batch {bs}, {opt.imgsz}px, "
-          f"layers {layers}, channels_last={opt.channels_last}")  # fmt: skip
+          f"layers {layers}, adapter {opt.adapter_kernel}x{opt.adapter_kernel}, channels_last={opt.channels_last}")  # fmt: skip
     print(f"{'step':<28}{'median ms':>12}{'images/s':>12}" + (f"{'peak GB':>10}" if cuda else ""))
     labels = {
         "plain": "plain student step", "teacher": "teacher forward alone", "distill": "distillation step",
@@ -190,6 +190,7 @@ def parse_opt() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--adapter-kernel", type=int, default=3, help="3 (paper) or 1")
     opt = parser.parse_args()
     if opt.imitation_layers not in (None, "detect"):
         opt.imitation_layers = [int(x) for x in opt.imitation_layers.split(",")]

@@ -9,7 +9,8 @@ N_p = sum(I), the number of imitated locations (not multiplied by C). N_p is flo
 gives exactly 0 with zero gradients, never NaN. The loss is added to the detection loss with a small gain
 (hyp 'imitation', 0.01).
 
-The adaptation layer is a 3x3 convolution (stride 1, padding 1) from the student's C_s channels to the teacher's C_t,
+The adaptation layer is a 3x3 convolution (stride 1, padding 1; k x k with FeatureAdapters(k=...), e.g. a cheaper
+1x1) from the student's C_s channels to the teacher's C_t,
 one per imitated layer (FeatureAdapters). It is trained with the student, lives beside it (its own module in the
 optimizer, saved under the checkpoint's 'distill' key) and is dropped after training: the saved student is a plain
 YOLOv5 model.
@@ -52,14 +53,16 @@ def imitation_loss(
 
 
 class Adapter(nn.Module):
-    """FGFI adaptation layer: 3x3 conv, stride 1, padding 1, student channels c1 -> teacher channels c2.
+    """FGFI adaptation layer: k x k conv (the paper's 3x3 by default), stride 1, 'same' padding, c1 -> c2 channels.
 
     [B, c1, H, W] -> [B, c2, H, W]; bias but no BN or activation, so it can match any teacher feature range.
     """
 
-    def __init__(self, c1: int, c2: int):
+    def __init__(self, c1: int, c2: int, k: int = 3):
         super().__init__()
-        self.conv = nn.Conv2d(c1, c2, 3, 1, 1)
+        if k % 2 == 0:
+            raise ValueError(f"Adapter: kernel size {k} must be odd to keep the feature map's size")
+        self.conv = nn.Conv2d(c1, c2, k, 1, k // 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x)
@@ -72,13 +75,13 @@ class FeatureAdapters(nn.Module):
     A single tensor is accepted (and returned) when there is one imitated layer.
     """
 
-    def __init__(self, student_channels: list[int], teacher_channels: list[int]):
+    def __init__(self, student_channels: list[int], teacher_channels: list[int], k: int = 3):
         super().__init__()
         if len(student_channels) != len(teacher_channels):
             raise ValueError(
                 f"FeatureAdapters: {len(student_channels)} student and {len(teacher_channels)} teacher layers"
             )
-        self.m = nn.ModuleList(Adapter(cs, ct) for cs, ct in zip(student_channels, teacher_channels))
+        self.m = nn.ModuleList(Adapter(cs, ct, k) for cs, ct in zip(student_channels, teacher_channels))
 
     def forward(self, features: torch.Tensor | list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
         if isinstance(features, torch.Tensor):

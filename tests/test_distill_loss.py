@@ -124,3 +124,13 @@ def test_teacher_features_keep_teacher_in_eval():
     teacher_features(teacher, torch.rand(2, 3, 8, 8), [0, 1])
     assert not teacher.training
     assert torch.equal(teacher.bn.running_mean, before)
+
+
+def test_adapter_kernel_size_keeps_the_map_and_scales_cost():
+    x = torch.randn(2, 8, 5, 7)
+    for k, params in ((3, 16 * 8 * 9 + 16), (1, 16 * 8 + 16)):
+        adapters = FeatureAdapters([8], [16], k=k)
+        assert adapters([x])[0].shape == (2, 16, 5, 7)
+        assert sum(p.numel() for p in adapters.parameters()) == params
+    with pytest.raises(ValueError, match="odd"):
+        FeatureAdapters([8], [16], k=2)
