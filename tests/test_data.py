@@ -244,7 +244,7 @@ def test_load_images_sources(sources):
     assert len(list(LoadImages([str(imgs / "0.jpg"), str(imgs / "1.jpg")]))) == 2
     with pytest.raises(UserError, match="does not exist"):
         LoadImages(str(sources / "missing.jpg"))
-    with pytest.raises(UserError, match="No images or videos"):
+    with pytest.raises(UserError, match="no images or videos found in --source"):
         LoadImages(str(sources / "imgs" / "*.md"))
 
 

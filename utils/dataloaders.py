@@ -544,8 +544,8 @@ class LoadImages:
         ni, nv = len(images), len(videos)
         if ni + nv == 0:
             raise UserError(
-                f"No images or videos found in --source {path}. Supported formats are:\n"
-                f"images: {IMG_FORMATS}\nvideos: {VID_FORMATS}"
+                f"no images or videos found in --source {path}: give a file, folder, glob or .txt list of "
+                f"images ({', '.join(IMG_FORMATS)}) or videos ({', '.join(VID_FORMATS)})"
             )
         self.img_size = img_size
         self.stride = stride
