@@ -71,9 +71,8 @@ def main(opt: argparse.Namespace) -> dict:
         teacher.half()
     layers = student.imitation_points(opt.imitation_layers)
     t_layers = teacher.imitation_points(opt.imitation_layers)
-    adapters = FeatureAdapters(feature_channels(student, layers, 64), feature_channels(teacher, t_layers, 64)).to(
-        device
-    )
+    s_channels, t_channels = feature_channels(student, layers, 64), feature_channels(teacher, t_layers, 64)
+    adapters = FeatureAdapters(s_channels, t_channels, opt.adapter_kernel).to(device)
     if opt.channels_last:
         student.to(memory_format=torch.channels_last)
         adapters.to(memory_format=torch.channels_last)
@@ -135,7 +134,7 @@ def main(opt: argparse.Namespace) -> dict:
         loss = sum(imitation_loss(a, t, m) for a, t, m in zip(adapted_feat, t_feats, masks))
         loss.backward()
 
-    def adapter_only():  # the 3x3 adapter convs, forward + backward
+    def adapter_only():  # the adapter convs, forward + backward
         with torch.autocast(device.type, enabled=cuda):
             out = adapters(s_feat)
         sum(o.float().mean() for o in out).backward()
