@@ -12,7 +12,7 @@ from data.synthetic import IMAGE_SIZES, NAMES, generate_dataset
 from data.synthetic import main as synthetic_main
 from utils.dataloaders import LoadImages, LoadImagesAndLabels, create_dataloader
 from utils.general import LOGGER, UserError
-from utils.labels import verify_image_label
+from utils.labels import load_label_cache, verify_image_label
 
 
 def write_image(path: Path, w: int = 64, h: int = 48, value: int = 0) -> Path:
@@ -120,6 +120,29 @@ def test_dataset_counts_and_good_images_load(broken_dataset):
         assert shapes[0] == (48, 64)
 
 
+def test_label_cache_round_trips_and_never_unpickles(tmp_path):
+    for i in range(2):
+        write_image(tmp_path / "images" / f"{i}.jpg")
+        write_label(tmp_path, str(i), f"{i} 0.5 0.5 0.2 0.{i + 2}\n")
+    built = LoadImagesAndLabels(tmp_path / "images", img_size=64)
+    cache = tmp_path / "labels.cache"
+    reread = LoadImagesAndLabels(tmp_path / "images", img_size=64)  # from the cache
+    for a, b in zip(built.labels, reread.labels):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(built.shapes, reread.shapes)
+
+    class Payload:  # unpickling this would create a file
+        def __reduce__(self):
+            return (Path.touch, (tmp_path / "pwned",))
+
+    import pickle
+
+    cache.write_bytes(pickle.dumps(Payload()))  # a hostile cache file
+    ds = LoadImagesAndLabels(tmp_path / "images", img_size=64)
+    assert not (tmp_path / "pwned").exists()  # never unpickled: the cache is rebuilt
+    assert len(ds.labels) == 2 and load_label_cache(cache)["results"] == (2, 0, 0, 0, 2)
+
+
 def test_label_cache_reused_and_invalidated(tmp_path):
     for i in range(3):
         write_image(tmp_path / "images" / f"{i}.jpg")
@@ -127,13 +150,13 @@ def test_label_cache_reused_and_invalidated(tmp_path):
     cache = tmp_path / "labels.cache"  # beside the labels/ dir, as YOLOv5
     LoadImagesAndLabels(tmp_path / "images", img_size=64)
     assert cache.is_file() and not list(tmp_path.glob("*.tmp*"))
-    first = np.load(cache, allow_pickle=True).item()
+    first = load_label_cache(cache)
     assert first["results"] == (3, 0, 0, 0, 3) and first["version"] == LoadImagesAndLabels.cache_version
     mtime = cache.stat().st_mtime_ns
     LoadImagesAndLabels(tmp_path / "images", img_size=64)
     assert cache.stat().st_mtime_ns == mtime  # reused
     ds = LoadImagesAndLabels(tmp_path / "images", img_size=64, nc=2)  # nc changed: rebuilt, class 2 >= nc
-    assert ds.counts["corrupt"] == 1 and np.load(cache, allow_pickle=True).item()["nc"] == 2
+    assert ds.counts["corrupt"] == 1 and load_label_cache(cache)["nc"] == 2
     write_label(tmp_path, "0", "0 0.5 0.5 0.2 0.2\n0 0.1 0.1 0.1 0.1\n")  # edited label: new hash
     ds = LoadImagesAndLabels(tmp_path / "images", img_size=64)
     assert sorted(len(x) for x in ds.labels) == [1, 1, 2]

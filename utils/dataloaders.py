@@ -37,7 +37,15 @@ from utils.general import (
     xywhn2xyxy,
     xyxy2xywhn,
 )
-from utils.labels import exif_size, get_hash, img2label_paths, segments2boxes, verify_image_label  # noqa: F401
+from utils.labels import (  # noqa: F401
+    exif_size,
+    get_hash,
+    img2label_paths,
+    load_label_cache,
+    save_label_cache,
+    segments2boxes,
+    verify_image_label,
+)
 
 HELP_URL = "https://docs.ultralytics.com/yolov5/tutorials/train_custom_data"
 BAR_FORMAT = "{l_bar}{bar:10}{r_bar}"
@@ -59,7 +67,7 @@ class LoadImagesAndLabels(Dataset):
     batch (batch index of each image), batch_shapes ([nb, 2] (h, w) letterbox shape per batch, rect only).
     """
 
-    cache_version = "0.6-fgfi"  # bump when the cache layout or checks change
+    cache_version = "0.7-fgfi-json"  # bump when the cache layout or checks change
     rand_interp_methods = [cv2.INTER_NEAREST, cv2.INTER_LINEAR, cv2.INTER_CUBIC, cv2.INTER_AREA, cv2.INTER_LANCZOS4]
 
     def __init__(
@@ -123,7 +131,7 @@ class LoadImagesAndLabels(Dataset):
         self.label_files = img2label_paths(self.im_files)
         cache_path = (p if p.is_file() else Path(self.label_files[0]).parent).with_suffix(".cache")
         try:
-            cache, exists = np.load(cache_path, allow_pickle=True).item(), True
+            cache, exists = load_label_cache(cache_path), True
             assert cache["version"] == self.cache_version
             assert cache["hash"] == get_hash(self.label_files + self.im_files)
             assert cache["nc"] == (None if single_cls else nc)
@@ -252,13 +260,10 @@ class LoadImagesAndLabels(Dataset):
         x["msgs"] = msgs
         x["version"] = self.cache_version
         x["nc"] = nc
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.npy")  # np.save appends .npy to other names
         try:
-            np.save(tmp, x)
-            os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
+            save_label_cache(path, x)
             LOGGER.info(f"{prefix}New cache created: {path}")
         except Exception as e:
-            tmp.unlink(missing_ok=True)
             LOGGER.warning(f"{prefix}WARNING ⚠️ Cache directory {path.parent} is not writeable: {e}")
         return x
 

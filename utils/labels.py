@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -17,6 +19,7 @@ from PIL import Image, ImageOps
 from utils.general import IMG_FORMATS
 
 _EXIF_ORIENTATION = 0x0112
+CACHE_META_KEYS = ("hash", "results", "msgs", "version", "nc")
 
 
 def get_hash(paths: list[str]) -> str:
@@ -149,3 +152,37 @@ def verify_image_label(args: tuple) -> list:
     except Exception as e:
         msg = f"{prefix}WARNING ⚠️ {im_file}: ignoring corrupt image/label: {e}"
         return [None, None, None, None, nm, nf, ne, 1, msg]
+
+
+def save_label_cache(path: Path, cache: dict) -> None:
+    """Write a label cache atomically as JSON (no pickle: a cache file found on disk can never run code).
+
+    cache: {image path: [labels [n, 5] np, shape (w, h), segments list of [m, 2] np], plus the metadata keys
+    'hash', 'results', 'msgs', 'version', 'nc'}.
+    """
+    meta = {k: v for k, v in cache.items() if k in CACHE_META_KEYS}
+    entries = {
+        k: [np.asarray(lb).tolist(), list(shape), [np.asarray(s).tolist() for s in segments]]
+        for k, (lb, shape, segments) in ((k, v) for k, v in cache.items() if k not in CACHE_META_KEYS)
+    }
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            json.dump({"meta": meta, "entries": entries}, f)
+        os.replace(tmp, path)  # a concurrent reader never sees half a file
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def load_label_cache(path: Path) -> dict:
+    """Read a cache written by save_label_cache back into the same in-memory layout (numpy arrays)."""
+    with open(path) as f:
+        raw = json.load(f)
+    cache = {
+        k: [np.array(lb, dtype=np.float32).reshape(-1, 5), tuple(shape), [np.array(s, dtype=np.float32) for s in segs]]
+        for k, (lb, shape, segs) in raw["entries"].items()
+    }
+    meta = raw["meta"]
+    meta["results"] = tuple(meta["results"])
+    cache.update(meta)
+    return cache
