@@ -96,14 +96,10 @@ def _load_model(weights, device: torch.device, data):
 
 def _update_weights(weights) -> None:
     """--update: strip the optimizer from each checkpoint (re-saving it with the current source)."""
-    from utils import checkpoint
+    from utils.checkpoint import strip_optimizer
 
-    strip = getattr(checkpoint, "strip_optimizer", None)
-    if strip is None:
-        LOGGER.warning("WARNING: --update needs utils.checkpoint.strip_optimizer, which is not available")
-        return
     for w in weights if isinstance(weights, (list, tuple)) else [weights]:
-        strip(w)
+        strip_optimizer(w)
 
 
 @torch.no_grad()

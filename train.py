@@ -36,7 +36,7 @@ import val as validate  # noqa: E402
 from distill import FeatureAdapters, feature_channels, load_teacher, teacher_features  # noqa: E402
 from models.yolo import DetectionModel  # noqa: E402
 from utils.autoanchor import check_anchors  # noqa: E402
-from utils.checkpoint import attempt_load, load_checkpoint, save_checkpoint  # noqa: E402
+from utils.checkpoint import attempt_load, load_checkpoint, save_checkpoint, strip_optimizer  # noqa: E402
 from utils.dataloaders import create_dataloader  # noqa: E402
 from utils.general import (  # noqa: E402
     LOCAL_RANK,
@@ -392,21 +392,6 @@ def distill_state_dict(adapters: nn.Module, opt: argparse.Namespace, layers: lis
         "imitation_weight": float(opt.imitation_weight),
         "adapter_kernel": int(opt.adapter_kernel),
     }
-
-
-def strip_optimizer(f: Path) -> None:
-    """Make a finished checkpoint small: EMA becomes the model, optimizer dropped, epoch -1 (as YOLOv5)."""
-    x = load_checkpoint(f)
-    if x.get("ema") is not None:
-        x["model"] = x["ema"]
-    for k in "optimizer", "best_fitness", "ema", "updates":
-        x[k] = None
-    x["epoch"] = -1
-    x["model"].half()
-    for p in x["model"].parameters():
-        p.requires_grad = False
-    save_checkpoint(x, f)
-    LOGGER.info(f"Optimizer stripped from {f}, {os.path.getsize(f) / 1e6:.1f}MB")
 
 
 def append_results(file: Path, epoch: int, row: dict) -> None:

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from models.yolo import Detect, DetectionModel, Model
-from utils.checkpoint import attempt_load, load_checkpoint, save_checkpoint
+from utils.checkpoint import attempt_load, load_checkpoint, save_checkpoint, strip_optimizer
 from utils.general import UserError, yaml_load
 
 
@@ -206,3 +206,21 @@ def test_save_is_atomic(tmp_path, model):
     assert os.listdir(tmp_path) == ["last.pt"]
     save_checkpoint({"model": None, "epoch": 5}, path)  # overwriting works
     assert load_checkpoint(path)["epoch"] == 5
+
+
+def test_strip_optimizer_keeps_the_ema_as_model_and_drops_training_state(model, tmp_path):
+    path = tmp_path / "last.pt"
+    ema = deepcopy(model)
+    with torch.no_grad():
+        for p in ema.parameters():
+            p.add_(0.5)  # tell the EMA apart from the raw model
+    ckpt = _v7_checkpoint(model, distill={"adapters": {"m.0.conv.weight": torch.ones(2, 1, 3, 3)}})
+    ckpt["ema"] = deepcopy(ema).half()
+    save_checkpoint(ckpt, path)
+    strip_optimizer(path)
+    x = load_checkpoint(path)
+    assert x["epoch"] == -1 and all(x[k] is None for k in ("optimizer", "best_fitness", "ema", "updates"))
+    assert x["distill"]["adapters"]["m.0.conv.weight"].shape == (2, 1, 3, 3)  # kept beside the student
+    assert not any(p.requires_grad for p in x["model"].parameters())
+    for a, b in zip(x["model"].state_dict().values(), ema.half().state_dict().values()):
+        assert torch.equal(a, b)

@@ -158,3 +158,18 @@ def save_checkpoint(ckpt: dict, path: str | Path) -> None:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
     LOGGER.debug(f"saved {path}")
+
+
+def strip_optimizer(f: str | Path) -> None:
+    """Make a finished checkpoint small: EMA becomes the model, optimizer dropped, epoch -1 (as YOLOv5)."""
+    x = load_checkpoint(f)
+    if x.get("ema") is not None:
+        x["model"] = x["ema"]
+    for k in "optimizer", "best_fitness", "ema", "updates":
+        x[k] = None
+    x["epoch"] = -1
+    x["model"].half()
+    for p in x["model"].parameters():
+        p.requires_grad = False
+    save_checkpoint(x, f)
+    LOGGER.info(f"Optimizer stripped from {f}, {os.path.getsize(f) / 1e6:.1f}MB")
