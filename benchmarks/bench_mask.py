@@ -63,9 +63,10 @@ def random_targets(batch_size: int, boxes_per_image: float, generator: torch.Gen
     return torch.cat((image[:, None], torch.zeros(n, 1), xy, wh), 1)
 
 
-def median_time(fn, repeats: int, device: torch.device) -> float:
-    """Median wall time of fn() in seconds over `repeats` runs after one warm-up."""
-    fn()
+def median_time(fn, repeats: int, device: torch.device, warmup: int = 1) -> float:
+    """Median wall time of fn() in seconds over `repeats` runs after `warmup` untimed runs (CUDA synchronized)."""
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(repeats):
         if device.type == "cuda":

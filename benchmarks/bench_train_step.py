@@ -16,9 +16,7 @@ plus val (eval forward + NMS) images/s and, on CUDA, peak memory. Random images 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -26,6 +24,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from bench_mask import median_time  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 
 from distill import FeatureAdapters, feature_channels, imitation_loss, imitation_mask, teacher_features  # noqa: E402
 from models.yolo import DetectionModel  # noqa: E402
@@ -42,21 +42,6 @@ def random_targets(batch: int, boxes_per_image: int, nc: int, generator: torch.G
     wh = 0.03 + 0.37 * torch.rand(n, 2, generator=generator)
     xy = wh / 2 + (1 - wh) * torch.rand(n, 2, generator=generator)
     return torch.cat((img[:, None], cls[:, None], xy, wh), 1)
-
-
-def median_ms(fn, device: torch.device, warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t) * 1000)
-    return statistics.median(times)
 
 
 def main(opt: argparse.Namespace) -> dict:
@@ -151,7 +136,7 @@ def main(opt: argparse.Namespace) -> dict:
                      ("imit", imit_only), ("adapter", adapter_only), ("val", val_step)):  # fmt: skip
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        figures[name] = median_ms(fn, device, w, n)
+        figures[name] = median_time(fn, n, device, warmup=w) * 1000
         if cuda:
             figures[f"{name}_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
     bs = opt.batch_size
