@@ -12,6 +12,7 @@ schedule and seed, validates all three and prints / saves a table (runs/experime
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -59,16 +60,23 @@ def run_experiment(
     )  # fmt: skip
     t0 = time.time()
     timings = {}
+
+    def fresh(name: str) -> str:  # a rerun replaces its own earlier run (results.csv would otherwise append)
+        if (project / name).exists():
+            LOGGER.info(f"Replacing the earlier {project / name}")
+            shutil.rmtree(project / name)
+        return name
+
     if not teacher:
         t = time.time()
-        train.run(cfg=cfg["teacher"], epochs=teacher_epochs, name="teacher", **common)
+        train.run(cfg=cfg["teacher"], epochs=teacher_epochs, name=fresh("teacher"), **common)
         teacher = str(project / "teacher/weights/best.pt")
         timings["teacher"] = time.time() - t
     elif not Path(teacher).is_file():
         raise UserError(f"--teacher {teacher}: file not found; omit --teacher to train one")
     for name, extra in (("student", {}), ("distilled", {"ft_weights": teacher})):
         t = time.time()
-        train.run(cfg=cfg["student"], epochs=epochs, name=name, **common, **extra)
+        train.run(cfg=cfg["student"], epochs=epochs, name=fresh(name), **common, **extra)
         timings[name] = time.time() - t
 
     rows = []

@@ -12,6 +12,9 @@ pytestmark = pytest.mark.slow
 
 
 def test_experiment_trains_three_models_and_saves_a_table(tmp_path, tiny_data):
+    stale = tmp_path / "student" / "results.csv"  # left by an earlier run in the same folder
+    stale.parent.mkdir()
+    stale.write_text("epoch,train/box_loss\n0,1.0\n1,1.0\n")
     df = experiment.run_experiment(
         "cpu", project=tmp_path, epochs=1, teacher_epochs=1, data=str(tiny_data), imgsz=96, batch=8, workers=0
     )
@@ -22,6 +25,7 @@ def test_experiment_trains_three_models_and_saves_a_table(tmp_path, tiny_data):
         "train/imitation_loss"
         in pd.read_csv(tmp_path / "distilled/results.csv", skipinitialspace=True).columns.str.strip()
     )
+    assert len(pd.read_csv(stale)) == 1  # the rerun replaced the old run instead of appending to it
     saved = pd.read_csv(tmp_path / "results.csv")
     assert saved["mAP50_95"].between(0, 1).all() and len(saved) == 3
     assert "FGFI changes student mAP50-95" in (tmp_path / "results.md").read_text()
