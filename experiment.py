@@ -1,6 +1,6 @@
 """The main job: does FGFI distillation beat the same student trained alone? One command, built-in data.
 
-    python experiment.py                      # CPU preset (~17 min on 2 cores): yolov5n <- yolov5s
+    python experiment.py                      # CPU preset (22 min on 2 cores): yolov5n <- yolov5s
     python experiment.py --preset cpu-long    # 42 min on 2 cores: teacher 25 epochs, students 15
     python experiment.py --preset gpu         # bigger schedule for a GPU: yolov5n <- yolov5m
     python experiment.py --teacher runs/experiment/teacher/weights/best.pt   # reuse a trained teacher
@@ -34,7 +34,7 @@ _CPU = dict(
     workers=2, hyp="hyp.short.yaml", optimizer="AdamW",
 )  # fmt: skip
 PRESETS = {
-    "cpu": dict(_CPU, epochs=6, teacher_epochs=6),  # ~17 min on 2 cores
+    "cpu": dict(_CPU, epochs=6, teacher_epochs=6),  # 22 min on 2 cores
     "cpu-long": dict(_CPU, epochs=15, teacher_epochs=25),  # 42 min on 2 cores
     "gpu": dict(_CPU, teacher="yolov5m.yaml", imgsz=320, epochs=60, teacher_epochs=120, batch=64, device="", workers=8),
 }
