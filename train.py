@@ -91,6 +91,8 @@ def train(hyp: dict | str, opt: argparse.Namespace, device: torch.device) -> tup
     hyp = dict(hyp)  # local copy: the loss gains below are scaled per model
     LOGGER.info(colorstr("hyperparameters: ") + ", ".join(f"{k}={v}" for k, v in hyp.items()))
     opt.hyp = hyp.copy()
+    if opt.ft_weights and opt.imitation_weight is None:  # the hyp file's gain unless --imitation-weight says
+        opt.imitation_weight = float(hyp.get("imitation", 0.01))
     if not evolve:
         yaml_save(save_dir / "hyp.yaml", hyp)
         yaml_save(save_dir / "opt.yaml", vars(opt))
@@ -492,8 +494,6 @@ def main(opt: argparse.Namespace) -> tuple | None:
         opt.save_dir = str(increment_path(Path(opt.project) / opt.name, exist_ok=opt.exist_ok))
     opt.imitation_layers = parse_imitation_layers(getattr(opt, "imitation_layers", None))
     opt.adapter_kernel = int(getattr(opt, "adapter_kernel", 3))
-    if opt.ft_weights and opt.imitation_weight is None:
-        opt.imitation_weight = float(yaml_load(check_yaml(opt.hyp, "--hyp")).get("imitation", 0.01))
 
     device = select_device(opt.device, batch_size=opt.batch_size)
     if LOCAL_RANK != -1:
