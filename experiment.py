@@ -1,17 +1,24 @@
 """The main job: does FGFI distillation beat the same student trained alone? One command, built-in data.
 
-    python experiment.py                      # CPU preset (22 min on 2 cores): yolov5n <- yolov5s
-    python experiment.py --preset cpu-long    # 42 min on 2 cores: teacher 25 epochs, students 15
-    python experiment.py --preset gpu         # bigger schedule for a GPU: yolov5n <- yolov5m
-    python experiment.py --teacher runs/experiment/teacher/weights/best.pt   # reuse a trained teacher
+    python experiment.py                            # shipped yolov5s teacher -> yolov5n, seed 0 (CPU, ~11 min)
+    python experiment.py --seeds 0,1,2              # student and distilled student per seed: mean, std, gain
+    python experiment.py --ablation --seeds 0,1,2   # + regions gtbox / full, 3 levels, psi 0.3 / 0.7, weight sweep
+    python experiment.py --train-teacher            # reproduce weights/yolov5s-synthetic.pt (~25 min on 2 cores)
+    python experiment.py --preset gpu               # bigger schedule for a GPU; trains its own yolov5m teacher
 
-It trains (or reuses) a teacher, trains the student alone, trains the same student with imitation on the same
-schedule and seed, validates all three and prints / saves a table (runs/experiment/results.md and .csv).
+Every arm trains the same student (same schedule, same seed) and differs only in its distillation settings. Each
+run lives in runs/experiment/<arm>-seed<seed>/ with an experiment.json of its settings and validated metrics; a
+later call with the same settings reuses a finished run instead of training it again (so --ablation after --seeds
+trains only the new arms). Results: results.md / results.csv (per run), summary.csv (per arm), map_curve.png
+(validation mAP50-95 per epoch) and, with --ablation, ablation.png.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
+import math
 import shutil
 import sys
 import time
@@ -26,18 +33,42 @@ if str(ROOT) not in sys.path:
 
 import train  # noqa: E402
 import val  # noqa: E402
-from utils.general import LOGGER, UserError, colorstr  # noqa: E402
+from utils.checkpoint import strip_optimizer  # noqa: E402
+from utils.general import LOGGER, UserError, check_dataset, check_yaml, colorstr  # noqa: E402
 
-# Each preset: teacher / student models, image size, epochs (the teacher trains teacher_epochs), batch, dataset
+TEACHER = ROOT / "weights/yolov5s-synthetic.pt"  # the shipped teacher for the built-in dataset
+TEACHER_CARD = TEACHER.with_suffix(".json")  # its dataset fingerprint, training command and validated mAP
+BUILTIN_DATA = "synthetic.yaml"
+
+# Each preset: student (and, for a preset without a shipped teacher, teacher) models and the common schedule
 _CPU = dict(
-    teacher="yolov5s.yaml", student="yolov5n.yaml", imgsz=192, batch=16, data="synthetic.yaml", device="cpu",
+    student="yolov5n.yaml", teacher=str(TEACHER), imgsz=192, batch=16, epochs=10, data=BUILTIN_DATA, device="cpu",
     workers=2, hyp="hyp.short.yaml", optimizer="AdamW",
 )  # fmt: skip
 PRESETS = {
-    "cpu": dict(_CPU, epochs=6, teacher_epochs=6),  # 22 min on 2 cores
-    "cpu-long": dict(_CPU, epochs=15, teacher_epochs=25),  # 42 min on 2 cores
-    "gpu": dict(_CPU, teacher="yolov5m.yaml", imgsz=320, epochs=60, teacher_epochs=120, batch=64, device="", workers=8),
+    "cpu": _CPU,
+    "cpu-long": dict(_CPU, epochs=15),
+    "gpu": dict(_CPU, teacher="yolov5m.yaml", teacher_epochs=120, imgsz=320, epochs=60, batch=64, device="", workers=8),
 }
+# How the shipped teacher is made: `python experiment.py --train-teacher` (same as train.py with these flags)
+TEACHER_RECIPE = dict(
+    cfg="yolov5s.yaml", data=BUILTIN_DATA, hyp="hyp.short.yaml", optimizer="AdamW", epochs=30, imgsz=192,
+    batch_size=16, device="cpu", workers=2, seed=0,
+)  # fmt: skip
+
+# Arms: train.run overrides on top of distillation from the teacher; None = the student alone
+MAIN_ARMS = {"student": None, "fgfi": {}}
+ABLATION_ARMS = {
+    "gtbox": {"imitation_region": "gtbox"},
+    "full": {"imitation_region": "full"},
+    "fgfi-3levels": {"imitation_layers": "detect"},
+    "fgfi-psi0.3": {"iou_factor": 0.3},
+    "fgfi-psi0.7": {"iou_factor": 0.7},
+    "fgfi-w0.003": {"imitation_weight": 0.003},
+    "fgfi-w0.03": {"imitation_weight": 0.03},
+}
+ARMS = {**MAIN_ARMS, **ABLATION_ARMS}
+MAP_COLUMN = "metrics/mAP_0.5:0.95"  # results.csv column of the per-epoch validation mAP50-95
 
 
 def run_experiment(
@@ -45,87 +76,289 @@ def run_experiment(
     teacher: str = "",
     project: str | Path = ROOT / "runs/experiment",
     epochs: int | None = None,
-    teacher_epochs: int | None = None,
-    seed: int = 0,
+    seeds: tuple[int, ...] | list[int] = (0,),
+    ablation: bool = False,
+    arms: list[str] | None = None,
     **overrides,
 ) -> pd.DataFrame:
+    """Train every arm once per seed (the teacher shared), validate, save tables and plots; returns the per-run
+    table (one row per arm and seed, the teacher first)."""
+    t0 = time.time()
     cfg = dict(PRESETS[preset])
     cfg.update({k: v for k, v in overrides.items() if v is not None})
-    epochs = epochs or cfg["epochs"]
-    teacher_epochs = teacher_epochs or cfg["teacher_epochs"]
+    cfg["epochs"] = epochs or cfg["epochs"]
+    arms = list(arms or (ARMS if ablation else MAIN_ARMS))
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        raise UserError(f"--arms {','.join(unknown)}: unknown; choose from {', '.join(ARMS)}")
+    if not seeds:
+        raise UserError("--seeds is empty: give at least one seed, e.g. 0 or 0,1,2")
     project = Path(project)
+    project.mkdir(parents=True, exist_ok=True)
     common = dict(
         data=cfg["data"], imgsz=cfg["imgsz"], batch_size=cfg["batch"], device=cfg["device"], workers=cfg["workers"],
-        project=str(project), exist_ok=True, seed=seed, noplots=False, hyp=cfg["hyp"], optimizer=cfg["optimizer"],
+        hyp=cfg["hyp"], optimizer=cfg["optimizer"], epochs=cfg["epochs"], project=str(project), exist_ok=True,
     )  # fmt: skip
-    t0 = time.time()
-    timings = {}
 
-    def fresh(name: str) -> str:  # a rerun replaces its own earlier run (results.csv would otherwise append)
-        if (project / name).exists():
-            LOGGER.info(f"Replacing the earlier {project / name}")
-            shutil.rmtree(project / name)
-        return name
-
-    if not teacher:
-        t = time.time()
-        train.run(cfg=cfg["teacher"], epochs=teacher_epochs, name=fresh("teacher"), **common)
-        teacher = str(project / "teacher/weights/best.pt")
-        timings["teacher"] = time.time() - t
+    teacher = teacher or cfg["teacher"]
+    if teacher.endswith(".yaml"):  # a preset without a shipped teacher trains its own, once
+        teacher = _train_teacher_for(project, teacher, cfg)
     elif not Path(teacher).is_file():
-        raise UserError(f"--teacher {teacher}: file not found; omit --teacher to train one")
-    for name, extra in (("student", {}), ("distilled", {"ft_weights": teacher})):
-        t = time.time()
-        train.run(cfg=cfg["student"], epochs=epochs, name=fresh(name), **common, **extra)
-        timings[name] = time.time() - t
+        hint = "run `python experiment.py --train-teacher`" if Path(teacher) == TEACHER else "check the path"
+        raise UserError(f"--teacher {teacher}: file not found; {hint}")
+    check_dataset(cfg["data"])  # generate the built-in dataset before its fingerprint is read
+    if Path(teacher).resolve() == TEACHER.resolve():
+        check_teacher_fingerprint(cfg["data"])
 
-    rows = []
-    for role, weights, sched in (
-        ("teacher", teacher, teacher_epochs),
-        ("student", project / "student/weights/best.pt", epochs),
-        ("student + FGFI", project / "distilled/weights/best.pt", epochs),
-    ):
-        (p, r, map50, map5095, *_), _, _ = val.run(
-            data=cfg["data"], weights=str(weights), imgsz=cfg["imgsz"], batch_size=cfg["batch"], device=cfg["device"],
-            workers=cfg["workers"], project=str(project / "val"), name=role.replace(" + ", "_"), exist_ok=True,
-            plots=False, half=False,
-        )  # fmt: skip
-        rows.append(dict(model=role, weights=str(weights), epochs=sched, P=p, R=r, mAP50=map50, mAP50_95=map5095))
+    rows, curves = [_validate("teacher", None, teacher, cfg, project)], {}
+    teacher_sha = _sha256(teacher)
+    for seed in seeds:
+        for arm in arms:
+            name = f"{arm}-seed{seed}"
+            extra = {} if ARMS[arm] is None else {"ft_weights": str(teacher), **ARMS[arm]}
+            settings = {**common, **extra, "cfg": cfg["student"], "seed": seed, "name": name}
+            if extra:
+                settings["teacher_sha256"] = teacher_sha
+            rows.append(_train_arm(arm, seed, settings, cfg, project))
+            curves[(arm, seed)] = _val_curve(project / name / "results.csv")
+
     df = pd.DataFrame(rows)
-    df["train_min"] = [timings.get(k, float("nan")) / 60 for k in ("teacher", "student", "distilled")]
-    gain = df.loc[2, "mAP50_95"] - df.loc[1, "mAP50_95"]
-    project.mkdir(parents=True, exist_ok=True)
+    summary = summarize(df)
     df.to_csv(project / "results.csv", index=False)
-    table = df.drop(columns="weights").to_markdown(index=False, floatfmt=".4f")
-    verdict = (
-        f"FGFI changes student mAP50-95 by {gain:+.4f} ({preset} preset, seed {seed}, "
-        f"{epochs} epochs). A single seed on a short schedule: differences below ~0.01 are within run-to-run noise."
-    )
-    (project / "results.md").write_text(f"{table}\n\n{verdict}\n")
-    LOGGER.info(
-        f"\n{table}\n\n{verdict}\nTotal {(time.time() - t0) / 60:.1f} min; saved to {colorstr('bold', project)}"
-    )
+    summary.to_csv(project / "summary.csv", index=False)
+    plot_curves(curves, project / "map_curve.png")
+    if len(set(arms) - set(MAIN_ARMS)):
+        plot_ablation(summary, project / "ablation.png")
+    report = _report(df, summary, preset, cfg, seeds, time.time() - t0)
+    (project / "results.md").write_text(report)
+    LOGGER.info(f"\n{report}\nSaved to {colorstr('bold', project)}")
     return df
+
+
+def _train_arm(arm: str, seed: int, settings: dict, cfg: dict, project: Path) -> dict:
+    """Train one arm at one seed and validate its best.pt, or reuse a finished run with identical settings."""
+    run_dir = project / settings["name"]
+    record_file = run_dir / "experiment.json"
+    if record_file.is_file() and (run_dir / "weights/best.pt").is_file():
+        record = json.loads(record_file.read_text())
+        if record.get("settings") == settings:
+            LOGGER.info(f"Reusing the finished run {run_dir} (same settings)")
+            return record["result"]
+    if run_dir.exists():  # unfinished or other settings: train again (results.csv would otherwise append)
+        LOGGER.info(f"Replacing the earlier {run_dir}")
+        shutil.rmtree(run_dir)
+    t = time.time()
+    train.run(**{k: v for k, v in settings.items() if k != "teacher_sha256"})
+    minutes = (time.time() - t) / 60
+    result = _validate(arm, seed, run_dir / "weights/best.pt", cfg, project, minutes)
+    record_file.write_text(json.dumps({"settings": settings, "result": result}, indent=1))
+    return result
+
+
+def _validate(arm: str, seed: int | None, weights, cfg: dict, project: Path, minutes: float = math.nan) -> dict:
+    (p, r, map50, map5095, *_), _, _ = val.run(
+        data=cfg["data"], weights=str(weights), imgsz=cfg["imgsz"], batch_size=cfg["batch"], device=cfg["device"],
+        workers=cfg["workers"], project=str(project / "val"), name=f"{arm}-seed{seed}" if seed is not None else arm,
+        exist_ok=True, plots=False, half=False,
+    )  # fmt: skip
+    return dict(arm=arm, seed=seed, P=p, R=r, mAP50=map50, mAP50_95=map5095, train_min=minutes)
+
+
+def summarize(df: pd.DataFrame) -> pd.DataFrame:
+    """Per arm: seeds, mean and std of mAP50 and mAP50-95, the mean gain over the student alone, that gain in units
+    of the pooled std of the two arms, and the share of the teacher-student gap it closes
+    ((arm - student) / (teacher - student), mAP50-95)."""
+    runs = df[df["arm"] != "teacher"]
+    teacher = df[df["arm"] == "teacher"].iloc[0]
+    stats = runs.groupby("arm", sort=False).agg(
+        seeds=("seed", "count"), mAP50=("mAP50", "mean"), mAP50_std=("mAP50", "std"),
+        mAP50_95=("mAP50_95", "mean"), mAP50_95_std=("mAP50_95", "std"),
+    ).reset_index()  # fmt: skip
+    if "student" in set(stats["arm"]):
+        base = stats.set_index("arm").loc["student"]
+        stats["gain50"] = stats["mAP50"] - base["mAP50"]
+        stats["gain50_95"] = stats["mAP50_95"] - base["mAP50_95"]
+        pooled = ((stats["mAP50_95_std"] ** 2 + base["mAP50_95_std"] ** 2) / 2) ** 0.5
+        stats["gain_in_pooled_std"] = stats["gain50_95"] / pooled.where(pooled > 0)
+        gap = teacher["mAP50_95"] - base["mAP50_95"]
+        stats["gap_closed"] = stats["gain50_95"] / gap if gap > 0 else math.nan
+    top = pd.DataFrame([dict(arm="teacher", seeds=1, mAP50=teacher["mAP50"], mAP50_95=teacher["mAP50_95"])])
+    return pd.concat([top, stats], ignore_index=True)
+
+
+def _report(df: pd.DataFrame, summary: pd.DataFrame, preset: str, cfg: dict, seeds, seconds: float) -> str:
+    per_run = df.to_markdown(index=False, floatfmt=".4f")
+    table = summary.to_markdown(index=False, floatfmt=".4f")
+    lines = [
+        f"Preset {preset}: student {cfg['student']}, {cfg['epochs']} epochs, {cfg['imgsz']} px, batch {cfg['batch']}, "
+        f"{cfg['optimizer']} + {cfg['hyp']}, data {cfg['data']}, seeds {','.join(map(str, seeds))}; "
+        f"wall time {seconds / 60:.1f} min.",
+        "",
+        "Per run (best.pt of each run, validated on the val set):",
+        "",
+        per_run,
+        "",
+        "Per arm (mean and std over seeds; gains are against the student alone, in mAP50-95 unless named):",
+        "",
+        table,
+        "",
+    ]
+    stats = summary.set_index("arm")
+    if {"student", "fgfi"} <= set(stats.index):
+        fgfi = stats.loc["fgfi"]
+        n = int(fgfi["seeds"])
+        noise = (
+            f"{fgfi['gain_in_pooled_std']:.1f} pooled standard deviations over {n} seeds"
+            if n > 1 and not math.isnan(fgfi["gain_in_pooled_std"])
+            else "one seed: run --seeds 0,1,2 to compare the gain with seed-to-seed noise"
+        )
+        lines.append(
+            f"FGFI changes the student's mAP50-95 by {fgfi['gain50_95']:+.4f} ({noise}) and mAP50 by "
+            f"{fgfi['gain50']:+.4f}; it closes {100 * fgfi['gap_closed']:.0f}% of the teacher-student gap."
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _val_curve(results_csv: Path) -> pd.Series:
+    df = pd.read_csv(results_csv, skipinitialspace=True)
+    df.columns = df.columns.str.strip()
+    return df.set_index("epoch")[MAP_COLUMN]
+
+
+def plot_curves(curves: dict, file: Path) -> None:
+    """Validation mAP50-95 per epoch: one line per (arm, seed), one colour per arm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), tight_layout=True)
+    colours = {arm: f"C{i}" for i, arm in enumerate(dict.fromkeys(arm for arm, _ in curves))}
+    labelled = set()
+    for (arm, _), curve in curves.items():
+        ax.plot(curve.index, curve.values, color=colours[arm], alpha=0.8, label=None if arm in labelled else arm)
+        labelled.add(arm)
+    ax.set(xlabel="epoch", ylabel="val mAP50-95", title="Validation mAP50-95 per epoch (one line per seed)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.savefig(file, dpi=150)
+    plt.close(fig)
+
+
+def plot_ablation(summary: pd.DataFrame, file: Path) -> None:
+    """Bar chart of mean mAP50-95 per arm with std error bars, the teacher as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = summary[summary["arm"] != "teacher"]
+    teacher = float(summary.loc[summary["arm"] == "teacher", "mAP50_95"].iloc[0])
+    fig, ax = plt.subplots(figsize=(8, 4.5), tight_layout=True)
+    colours = ["0.6" if a == "student" else ("C0" if a.startswith("fgfi") else "C1") for a in arms["arm"]]
+    ax.bar(arms["arm"], arms["mAP50_95"], yerr=arms["mAP50_95_std"].fillna(0), color=colours, capsize=4)
+    ax.axhline(teacher, color="k", ls="--", lw=1, label=f"teacher {teacher:.3f}")
+    ax.set(ylabel="val mAP50-95 (mean +/- std over seeds)", title="Imitation region and setting ablation")
+    ax.tick_params(axis="x", rotation=30)
+    ax.legend()
+    fig.savefig(file, dpi=150)
+    plt.close(fig)
+
+
+def check_teacher_fingerprint(data: str) -> None:
+    """Refuse the shipped teacher when the built-in dataset on disk is not the one it was trained on."""
+    from data.synthetic import dataset_fingerprint
+
+    if Path(check_yaml(data, "--data")).resolve() != Path(check_yaml(BUILTIN_DATA, "--data")).resolve():
+        return  # another dataset: the user chose the teacher for it
+    expected = json.loads(TEACHER_CARD.read_text())["dataset"]
+    found = dataset_fingerprint(check_dataset(data)["path"], expected["generator"]["seed"])
+    if found != expected:
+        raise UserError(
+            f"{TEACHER} was trained on another version of the built-in dataset (fingerprint in {TEACHER_CARD}): "
+            "delete datasets/synthetic to regenerate it, or retrain with `python experiment.py --train-teacher`"
+        )
+
+
+def train_teacher(project: str | Path = ROOT / "runs/teacher", name: str = "yolov5s-synthetic", **overrides) -> Path:
+    """Train the shipped teacher with TEACHER_RECIPE, then ship it (see ship_teacher)."""
+    recipe = {**TEACHER_RECIPE, **{k: v for k, v in overrides.items() if v is not None}}
+    train.run(**recipe, project=str(project), name=name, exist_ok=True)
+    return ship_teacher(Path(project) / name / "weights/best.pt", recipe)
+
+
+def ship_teacher(best: Path, recipe: dict = TEACHER_RECIPE) -> Path:
+    """Copy a finished run's best.pt to weights/ as a stripped fp16 checkpoint, with a card (JSON) holding the
+    dataset fingerprint, the training command and its validated mAP on the built-in val set."""
+    from data.synthetic import dataset_fingerprint
+
+    TEACHER.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(best, TEACHER)
+    strip_optimizer(TEACHER)
+    data = check_dataset(recipe["data"])
+    cfg = dict(data=recipe["data"], imgsz=recipe["imgsz"], batch=recipe["batch_size"], device=recipe["device"])
+    metrics = _validate("teacher", None, TEACHER, {**cfg, "workers": recipe["workers"]}, ROOT / "runs/val")
+    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in recipe.items())
+    card = {
+        "command": f"python train.py {flags}  (python experiment.py --train-teacher)",
+        "val": {k: round(float(metrics[k]), 4) for k in ("P", "R", "mAP50", "mAP50_95")},
+        "dataset": dataset_fingerprint(data["path"]),  # generated by generate_dataset's defaults (seed 0)
+    }
+    TEACHER_CARD.write_text(json.dumps(card, indent=1) + "\n")
+    LOGGER.info(f"Shipped teacher {TEACHER} ({TEACHER.stat().st_size / 1e6:.1f} MB): {card['val']}")
+    return TEACHER
+
+
+def _train_teacher_for(project: Path, cfg_yaml: str, cfg: dict) -> str:
+    """A preset's own teacher (no shipped one), trained once per project and reused by later calls."""
+    settings = dict(
+        cfg=cfg_yaml, data=cfg["data"], hyp=cfg["hyp"], optimizer=cfg["optimizer"], epochs=cfg["teacher_epochs"],
+        imgsz=cfg["imgsz"], batch_size=cfg["batch"], device=cfg["device"], workers=cfg["workers"], seed=0,
+        project=str(project), name="teacher", exist_ok=True,
+    )  # fmt: skip
+    _train_arm("teacher", 0, settings, cfg, project)
+    return str(project / "teacher/weights/best.pt")
+
+
+def _sha256(file) -> str:
+    return hashlib.sha256(Path(file).read_bytes()).hexdigest()
+
+
+def parse_seeds(value: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in str(value).replace(" ", "").split(",") if s]
+    except ValueError:
+        raise UserError(f"--seeds '{value}': use integers separated by commas, e.g. 0,1,2") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise UserError(f"--seeds '{value}': give one or more distinct seeds, e.g. 0,1,2")
+    return seeds
 
 
 def parse_opt() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=list(PRESETS), default="cpu", help="schedule and models")
-    parser.add_argument("--teacher", default="", help="reuse this teacher checkpoint instead of training one")
+    parser.add_argument("--teacher", default="", help="teacher checkpoint (default: the preset's)")
     parser.add_argument("--project", default=str(ROOT / "runs/experiment"), help="save to this folder")
     parser.add_argument("--epochs", type=int, default=None, help="student epochs (override the preset)")
-    parser.add_argument("--teacher-epochs", type=int, default=None, help="teacher epochs (override the preset)")
+    parser.add_argument("--teacher-epochs", type=int, default=None, help="epochs of a preset's own teacher (gpu)")
     parser.add_argument("--device", default=None, help="cpu, 0, 0,1 (override the preset)")
-    parser.add_argument("--seed", type=int, default=0, help="training seed for all runs")
+    parser.add_argument("--seeds", "--seed", default="0", help="training seeds, e.g. 0 or 0,1,2")
+    parser.add_argument("--ablation", action="store_true", help="also the imitation region/level/psi/weight arms")
+    parser.add_argument("--arms", default="", help=f"train only these arms, comma-separated: {', '.join(ARMS)}")
+    parser.add_argument("--train-teacher", action="store_true", help="train and ship weights/yolov5s-synthetic.pt")
     return parser.parse_args()
 
 
 if __name__ == "__main__":
     opt = parse_opt()
     try:
-        run_experiment(
-            opt.preset, opt.teacher, opt.project, opt.epochs, opt.teacher_epochs, opt.seed, device=opt.device
-        )
+        if opt.train_teacher:
+            train_teacher(device=opt.device)
+        else:
+            run_experiment(
+                opt.preset, opt.teacher, opt.project, opt.epochs, parse_seeds(opt.seeds), opt.ablation,
+                [a for a in opt.arms.split(",") if a] or None, device=opt.device, teacher_epochs=opt.teacher_epochs,
+            )  # fmt: skip
     except UserError as e:
         LOGGER.error(f"ERROR: {e}")
         sys.exit(1)

@@ -33,7 +33,7 @@ if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
 import val as validate  # noqa: E402
-from distill import FeatureAdapters, feature_channels, load_teacher, teacher_features  # noqa: E402
+from distill import REGIONS, FeatureAdapters, feature_channels, load_teacher, teacher_features  # noqa: E402
 from models.yolo import DetectionModel  # noqa: E402
 from utils.autoanchor import check_anchors  # noqa: E402
 from utils.checkpoint import attempt_load, load_checkpoint, save_checkpoint, strip_optimizer  # noqa: E402
@@ -144,7 +144,8 @@ def train(hyp: dict | str, opt: argparse.Namespace, device: torch.device) -> tup
             LOGGER.info(f"Restored imitation adapters from {weights}")
         LOGGER.info(
             f"{colorstr('FGFI: ')}teacher {opt.ft_weights} -> student, imitating layer(s) {layers} "
-            f"(teacher {t_layers}), weight {opt.imitation_weight}, iou_factor {opt.iou_factor}"
+            f"(teacher {t_layers}), weight {opt.imitation_weight}, region {opt.imitation_region}, "
+            f"iou_factor {opt.iou_factor}"
         )
     if opt.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -279,7 +280,10 @@ def train(hyp: dict | str, opt: argparse.Namespace, device: torch.device) -> tup
                     loss, items = compute_loss(pred, targets)
                     masks = None
                 else:
-                    pred, feats, masks = model(imgs, target=targets, imitation_layers=layers, iou_factor=opt.iou_factor)
+                    pred, feats, masks = model(
+                        imgs, target=targets, imitation_layers=layers, iou_factor=opt.iou_factor,
+                        region=opt.imitation_region,
+                    )  # fmt: skip
                     feats, masks = _as_list(feats), _as_list(masks)
                     t_feats = teacher_features(teacher, imgs, t_layers)
                     loss, items = compute_loss(pred, targets, teacher=t_feats, student=adapters(feats), mask=masks)
@@ -391,6 +395,7 @@ def distill_state_dict(adapters: nn.Module, opt: argparse.Namespace, layers: lis
         "teacher": str(opt.ft_weights),
         "imitation_layers": list(layers),
         "iou_factor": float(opt.iou_factor),
+        "imitation_region": str(opt.imitation_region),
         "imitation_weight": float(opt.imitation_weight),
         "adapter_kernel": int(opt.adapter_kernel),
     }
@@ -448,6 +453,10 @@ def parse_opt(known: bool = False, args: list[str] | None = None) -> argparse.Na
         "--imitation-layers", type=str, default="default",
         help="imitated layers: 'default' (the stride-8 neck Concat), 'detect' (P3/P4/P5 inputs) or indices '17,20,23'",
     )  # fmt: skip
+    parser.add_argument(
+        "--imitation-region", choices=REGIONS, default="fgfi",
+        help="where to imitate: fgfi (anchor-IoU mask), gtbox (inside GT boxes), full (whole map)",
+    )  # fmt: skip
     parser.add_argument("--adapter-kernel", type=int, default=3, help="adapter conv size: 3 (paper) or 1 (cheaper)")
     parser.add_argument("--channels-last", action="store_true", help="channels_last memory format (CUDA speed)")
     return parser.parse_known_args(args)[0] if known else parser.parse_args(args)
@@ -494,6 +503,9 @@ def main(opt: argparse.Namespace) -> tuple | None:
         opt.save_dir = str(increment_path(Path(opt.project) / opt.name, exist_ok=opt.exist_ok))
     opt.imitation_layers = parse_imitation_layers(getattr(opt, "imitation_layers", None))
     opt.adapter_kernel = int(getattr(opt, "adapter_kernel", 3))
+    opt.imitation_region = getattr(opt, "imitation_region", "fgfi")  # opt.yaml of runs older than the flag
+    if opt.imitation_region not in REGIONS:
+        raise UserError(f"--imitation-region {opt.imitation_region!r}: use one of {', '.join(REGIONS)}")
 
     device = select_device(opt.device, batch_size=opt.batch_size)
     if LOCAL_RANK != -1:

@@ -11,6 +11,7 @@ Everything is drawn from one seeded numpy Generator, so the same seed gives byte
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
 import re
 import sys
@@ -182,6 +183,24 @@ def generate_dataset(root: str | Path, n_train: int = 1000, n_val: int = 200, se
             lines = [f"{int(c)} {x:.6f} {y:.6f} {bw:.6f} {bh:.6f}\n" for c, x, y, bw, bh in labels]
             (lb_dir / f"{i:06d}.txt").write_text("".join(lines))
     return root
+
+
+def dataset_fingerprint(root: str | Path, seed: int = 0, quality: int = 90) -> dict:
+    """What a model trained on the dataset at root depends on: the generator's settings and a sha256 over the
+    generated label files (split, file name and content, in name order). Equal fingerprints mean the same labels
+    from the same generator, so a shipped teacher cannot silently go stale when the generator changes."""
+    root = Path(root)
+    digest, counts = hashlib.sha256(), {}
+    for split in ("train", "val"):
+        files = sorted(f for f in (root / "labels" / split).glob("*.txt") if _OWN_FILE.match(f.name))
+        counts[split] = len(files)
+        for f in files:
+            digest.update(f"{split}/{f.name}\n".encode() + f.read_bytes())
+    settings = dict(
+        n_train=counts["train"], n_val=counts["val"], seed=seed, quality=quality, names=list(NAMES),
+        image_sizes=[list(s) for s in IMAGE_SIZES], min_size=MIN_SIZE, max_size=MAX_SIZE, max_occluded=MAX_OCCLUDED,
+    )  # fmt: skip
+    return {"generator": settings, "labels_sha256": digest.hexdigest()}
 
 
 def main(argv: list[str] | None = None) -> None:

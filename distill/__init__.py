@@ -3,7 +3,8 @@
 A small student detector learns to reproduce a frozen teacher's features near objects:
 
 - mask.py     imitation_mask: per feature level, the cells whose anchors overlap a ground-truth box well
-              (IoU > iou_factor * that box's best anchor IoU), as a [B, H, W] 0/1 map.
+              (IoU > iou_factor * that box's best anchor IoU), as a [B, H, W] 0/1 map; or a baseline region
+              (region="gtbox": cell centres inside a box, "full": the whole map).
 - loss.py     imitation_loss: masked L2 between adapt(student feature) and teacher feature / (2 * masked cells);
               Adapter / FeatureAdapters: the 3x3 conv mapping student channels to teacher channels;
               feature_channels: channel counts of a model's imitated layers.
@@ -14,10 +15,11 @@ Training adds imitation_weight * imitation_loss to the detection loss (utils/los
 """
 
 from distill.loss import Adapter, FeatureAdapters, feature_channels, imitation_loss
-from distill.mask import imitation_mask
+from distill.mask import REGIONS, imitation_mask
 from distill.teacher import load_teacher, teacher_features
 
 __all__ = (
+    "REGIONS",
     "Adapter",
     "FeatureAdapters",
     "feature_channels",

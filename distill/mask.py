@@ -24,6 +24,11 @@ intervals of lengths a and b whose centres are d apart overlap by clamp(min(a, b
 
 The work is O(n * K * W + B * H * W) instead of the O(n * K * H * W) of a dense IoU map. Decisions are those of exact
 arithmetic; a cell whose IoU equals iou_factor * M to within float64 rounding may go either way.
+
+Two simpler imitation regions, the baselines FGFI was designed to beat, share the same painting (region=...):
+
+- "gtbox": cells whose centre (x + 0.5, y + 0.5) lies strictly inside a ground-truth box ("inside GT box" imitation);
+- "full": every cell, with or without boxes (FitNets-style whole-map imitation).
 """
 
 from __future__ import annotations
@@ -36,22 +41,37 @@ def _overlap(length_a: torch.Tensor, length_b: torch.Tensor, distance: torch.Ten
     return torch.minimum(torch.minimum(length_a, length_b), (length_a + length_b) / 2 - distance).clamp(min=0)
 
 
+REGIONS = ("fgfi", "gtbox", "full")
+
+
 def imitation_mask(
-    targets: torch.Tensor, anchors: torch.Tensor, shape: tuple[int, int, int], iou_factor: float = 0.5
+    targets: torch.Tensor,
+    anchors: torch.Tensor,
+    shape: tuple[int, int, int],
+    iou_factor: float = 0.5,
+    region: str = "fgfi",
 ) -> torch.Tensor:
-    """FGFI imitation mask of one feature level.
+    """Imitation mask of one feature level: FGFI's (default) or one of the baseline regions.
 
     Args:
         targets: [n, 6] (image index, class, x, y, w, h), xywh normalized to the input image (0-1).
         anchors: [K, 2] anchor (w, h) in grid cells of this level (YOLOv5's Detect.anchors[i]).
         shape: (B, H, W) batch size and feature map height and width in cells.
         iou_factor: psi in [0, 1]; a cell is kept when one of its anchors has IoU > iou_factor * (the box's best IoU).
+        region: "fgfi" (the anchor-IoU rule above), "gtbox" (cell centres strictly inside a box; anchors and
+            iou_factor unused) or "full" (all ones).
 
     Returns:
         [B, H, W] float32 0/1 on targets' device, indexed [b, y, x]. Boxes of zero width or height add nothing.
     """
     batch_size, height, width = (int(s) for s in shape)
     device = targets.device
+    if region not in REGIONS:
+        raise ValueError(f"imitation_mask: region {region!r} must be one of {', '.join(REGIONS)}")
+    if region == "full":
+        return torch.ones(batch_size, height, width, device=device)
+    if region == "gtbox":
+        return _gtbox_mask(targets, (batch_size, height, width))
     if iou_factor < 0:
         raise ValueError(f"imitation_mask: iou_factor {iou_factor} must be in [0, 1]")
     if iou_factor >= 1:  # no anchor beats its box's best IoU; said here, as rounding could keep the best cell
@@ -84,12 +104,35 @@ def imitation_mask(
     # Rows first..last of each box and column: smallest/largest integer y with |y + 0.5 - cy| < half_run
     first = ((cy[:, None] - half_run - 0.5).floor() + 1).clamp(min=0)
     last = ((cy[:, None] + half_run - 0.5).ceil() - 1).clamp(max=height - 1)
-    painted = (half_run > 0) & (first <= last)  # [n, W]
+    return _paint(targets[:, 0], first, last, (half_run > 0) & (first <= last), (batch_size, height, width))
+
+
+def _gtbox_mask(targets: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+    """Cells (y, x) with x0 < x + 0.5 < x1 and y0 < y + 0.5 < y1 for some box of the image: one run of rows in
+    each column whose centre is inside the box's x-range."""
+    batch_size, height, width = shape
+    dtype = torch.float32 if targets.device.type == "mps" else torch.float64
+    x, y, w, h = targets[:, 2:6].to(dtype).unbind(1)
+    x0, x1 = (x - w / 2) * width, (x + w / 2) * width  # [n] grid cells
+    y0, y1 = (y - h / 2) * height, (y + h / 2) * height
+    columns = torch.arange(width, device=targets.device, dtype=dtype) + 0.5
+    inside_x = (columns > x0[:, None]) & (columns < x1[:, None])  # [n, W]
+    first = ((y0 - 0.5).floor() + 1).clamp(min=0)[:, None].expand_as(inside_x)  # smallest y with y + 0.5 > y0
+    last = ((y1 - 0.5).ceil() - 1).clamp(max=height - 1)[:, None].expand_as(inside_x)  # largest with y + 0.5 < y1
+    return _paint(targets[:, 0], first, last, inside_x & (first <= last), shape)
+
+
+def _paint(
+    image: torch.Tensor, first: torch.Tensor, last: torch.Tensor, painted: torch.Tensor, shape: tuple[int, int, int]
+) -> torch.Tensor:
+    """Union of runs of rows first..last (inclusive) in each column where painted, per box: [n] image indices,
+    [n, W] first / last / painted -> [B, H, W] 0/1. Drawn into a [B, H + 1, W] difference buffer (+1 at the first
+    row, -1 after the last) and summed down the rows."""
+    batch_size, height, width = shape
+    device = painted.device
     first = torch.where(painted, first, torch.zeros_like(first)).long()
     stop = torch.where(painted, last + 1, torch.zeros_like(last)).long()
-
-    # Paint the runs: +1 at (b, first, x), -1 at (b, last + 1, x), then a cumulative sum down the rows
-    image = targets[:, 0].long()[:, None]  # [n, 1]
+    image = image.long()[:, None]  # [n, 1]
     column = torch.arange(width, device=device)
     index = torch.cat(
         (((image * (height + 1) + first) * width + column), ((image * (height + 1) + stop) * width + column))

@@ -161,6 +161,7 @@ class DetectionModel(nn.Module):
         target: torch.Tensor | None = None,
         imitation_layers: int | list[int] | str | None = None,
         iou_factor: float = 0.5,
+        region: str = "fgfi",
     ):
         """x: [B, C, H, W] images in 0..1, H and W multiples of the largest stride.
 
@@ -171,9 +172,10 @@ class DetectionModel(nn.Module):
         and mask = distill.mask.imitation_mask(...) [B, 1, h, w] (0/1 float) from the anchors of the Detect level
         with that layer's stride. ``imitation_layers``: None = the default point (imitation_points()), an int = that
         layer (tensors returned), a list of ints or 'detect' (Detect's inputs) = lists, one entry per layer.
+        ``region``: the imitated region, "fgfi" (anchor IoU > iou_factor * best), "gtbox" or "full".
         """
         if target is not None:
-            return self._forward_imitation(x, target, imitation_layers, iou_factor)
+            return self._forward_imitation(x, target, imitation_layers, iou_factor, region)
         if augment:
             return self._forward_augment(x)
         return self._forward_once(x, profile, visualize)
@@ -201,7 +203,7 @@ class DetectionModel(nn.Module):
                 break
         return x, kept
 
-    def _forward_imitation(self, x, target, imitation_layers, iou_factor):
+    def _forward_imitation(self, x, target, imitation_layers, iou_factor, region="fgfi"):
         from distill.mask import imitation_mask  # distill/ builds on the model, not the other way round
 
         points = self.imitation_points(imitation_layers)
@@ -211,7 +213,7 @@ class DetectionModel(nn.Module):
         features, masks = [], []
         for i, level in zip(points, levels):
             f = feats[i]
-            mask = imitation_mask(target, anchors[level], (f.shape[0], f.shape[2], f.shape[3]), iou_factor)
+            mask = imitation_mask(target, anchors[level], (f.shape[0], f.shape[2], f.shape[3]), iou_factor, region)
             features.append(f)
             masks.append(mask.to(f.device).unsqueeze(1))
         if imitation_layers is None or isinstance(imitation_layers, int):

@@ -139,6 +139,78 @@ def test_degenerate_boxes_add_nothing():
     np.testing.assert_array_equal(mask.numpy(), run_mask(good, P3_ANCHORS, (2, 8, 8)))
 
 
+def reference_gtbox_mask(targets: np.ndarray, shape) -> np.ndarray:
+    """The "inside GT box" region cell by cell: the cell centre strictly inside a box of its image."""
+    batch_size, height, width = shape
+    mask = np.zeros(shape, dtype=np.float32)
+    for b in range(batch_size):
+        for row in range(height):
+            for col in range(width):
+                for image, _, x, y, w, h in np.asarray(targets, dtype=np.float64):
+                    px, py = (col + 0.5) / width, (row + 0.5) / height  # centre, normalized
+                    if int(image) == b and x - w / 2 < px < x + w / 2 and y - h / 2 < py < y + h / 2:
+                        mask[b, row, col] = 1
+    return mask
+
+
+@pytest.mark.parametrize("shape", [(3, 8, 12), (3, 12, 5), (4, 1, 7), (2, 20, 10)])
+def test_gtbox_matches_reference(shape):
+    rng = np.random.default_rng(sum(shape))
+    for max_side in (0.05, 0.3, 1.0):
+        targets = random_targets(rng, 9, shape[0] - 1, max_side)  # the last image has no boxes
+        mask = imitation_mask(torch.tensor(targets), torch.tensor(P3_ANCHORS), shape, region="gtbox")
+        assert mask.shape == shape and mask.dtype == torch.float32
+        np.testing.assert_array_equal(mask.numpy(), reference_gtbox_mask(targets, shape))
+        assert not mask[-1].any()
+
+
+def test_gtbox_boxes_touching_the_border_and_cell_edges():
+    shape = (2, 6, 10)
+    targets = np.array(
+        [
+            [0, 0, 0.1, 0.5, 0.2, 1.0],  # touches left, top and bottom borders
+            [0, 1, 0.95, 0.05, 0.1, 0.1],  # top-right corner, one cell exactly
+            [1, 2, 0.5, 0.5, 0.1, 1 / 6],  # edges exactly on cell centres: strictly inside excludes them
+            [1, 2, 0.25, 0.75, 0.3, 0.2],
+            [1, 0, 0.9, 0.1, 0.0, 0.5],  # zero width: nothing
+        ]
+    )
+    mask = imitation_mask(torch.tensor(targets), torch.tensor(P3_ANCHORS), shape, region="gtbox").numpy()
+    np.testing.assert_array_equal(mask, reference_gtbox_mask(targets, shape))
+    assert mask[0, :, :2].all() and mask[0, 0, 9] == 1 and mask[0].sum() == 6 * 2 + 1
+    assert mask[1, :, 5].sum() == 0  # the box whose x-edges sit on column centres 4.5 and 5.5 covers no centre
+
+
+def test_gtbox_ignores_anchors_and_iou_factor():
+    rng = np.random.default_rng(3)
+    targets = torch.tensor(random_targets(rng, 12, 3))
+    a = imitation_mask(targets, torch.tensor(P3_ANCHORS), (3, 9, 13), iou_factor=0.1, region="gtbox")
+    b = imitation_mask(targets, torch.tensor(P3_ANCHORS * 4), (3, 9, 13), iou_factor=0.9, region="gtbox")
+    assert a.equal(b) and a.sum() > 0
+
+
+def test_full_region_is_all_ones_even_without_boxes():
+    for targets in (torch.zeros(0, 6), torch.tensor(random_targets(np.random.default_rng(0), 5, 2))):
+        mask = imitation_mask(targets, torch.tensor(P3_ANCHORS), (2, 7, 11), region="full")
+        assert mask.shape == (2, 7, 11) and mask.dtype == torch.float32 and (mask == 1).all()
+
+
+def test_fgfi_region_is_the_default():
+    rng = np.random.default_rng(4)
+    targets = torch.tensor(random_targets(rng, 10, 3))
+    anchors = torch.tensor(P3_ANCHORS)
+    default = imitation_mask(targets, anchors, (3, 8, 12), 0.4)
+    assert imitation_mask(targets, anchors, (3, 8, 12), 0.4, region="fgfi").equal(default)
+    np.testing.assert_array_equal(default.numpy(), reference_mask(targets.numpy(), P3_ANCHORS, (3, 8, 12), 0.4))
+    gtbox = imitation_mask(targets, anchors, (3, 8, 12), region="gtbox")
+    assert not gtbox.equal(default)  # the regions are really different rules
+
+
+def test_unknown_region_is_refused():
+    with pytest.raises(ValueError, match="region"):
+        imitation_mask(torch.zeros(0, 6), torch.tensor(P3_ANCHORS), (1, 4, 4), region="box")
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu():

@@ -1,36 +1,124 @@
-"""The main job end to end on a tiny dataset: teacher, student, distilled student, and the saved table."""
+"""experiment.py end to end on tiny data (several seeds, the ablation arms, reuse of finished runs), its statistics,
+and the shipped teacher with its dataset fingerprint."""
 
 from __future__ import annotations
 
+import json
+import math
+
+import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 import experiment
+from data.synthetic import NAMES, dataset_fingerprint, generate_dataset
+from utils.checkpoint import load_checkpoint
 from utils.general import UserError
 
 pytestmark = pytest.mark.slow
+TINY = dict(epochs=1, imgsz=64, batch=8, workers=0)
 
 
-def test_experiment_trains_three_models_and_saves_a_table(tmp_path, tiny_data):
-    stale = tmp_path / "student" / "results.csv"  # left by an earlier run in the same folder
+def test_seeds_train_each_arm_per_seed_with_mean_std_and_gain(tmp_path, tiny_data):
+    df = experiment.run_experiment("cpu", project=tmp_path, seeds=[0, 1], data=str(tiny_data), **TINY)
+    assert list(zip(df["arm"], df["seed"].fillna(-1))) == [
+        ("teacher", -1), ("student", 0), ("fgfi", 0), ("student", 1), ("fgfi", 1)
+    ]  # fmt: skip
+    for arm in ("student", "fgfi"):
+        for seed in (0, 1):
+            run = tmp_path / f"{arm}-seed{seed}"
+            opt = yaml.safe_load((run / "opt.yaml").read_text())
+            assert opt["seed"] == seed and bool(opt["ft_weights"]) == (arm == "fgfi")
+            assert (run / "weights/best.pt").is_file() and (run / "experiment.json").is_file()
+    # the summary's statistics, recomputed here with numpy
+    summary = pd.read_csv(tmp_path / "summary.csv").set_index("arm")
+    student = df[df["arm"] == "student"]["mAP50_95"].to_numpy()
+    fgfi = df[df["arm"] == "fgfi"]["mAP50_95"].to_numpy()
+    teacher = float(df.loc[df["arm"] == "teacher", "mAP50_95"].iloc[0])
+    assert summary.loc["fgfi", "seeds"] == 2
+    assert summary.loc["fgfi", "mAP50_95"] == pytest.approx(fgfi.mean())
+    assert summary.loc["fgfi", "mAP50_95_std"] == pytest.approx(np.std(fgfi, ddof=1))
+    assert summary.loc["fgfi", "gain50_95"] == pytest.approx(fgfi.mean() - student.mean())
+    pooled = math.sqrt((np.var(fgfi, ddof=1) + np.var(student, ddof=1)) / 2)
+    if pooled > 0:
+        assert summary.loc["fgfi", "gain_in_pooled_std"] == pytest.approx((fgfi.mean() - student.mean()) / pooled)
+    if teacher > student.mean():
+        expected = (fgfi.mean() - student.mean()) / (teacher - student.mean())
+        assert summary.loc["fgfi", "gap_closed"] == pytest.approx(expected)
+    assert summary.loc["student", "gain50_95"] == 0
+    report = (tmp_path / "results.md").read_text()
+    assert "FGFI changes the student's mAP50-95" in report and "teacher-student gap" in report
+    assert (tmp_path / "map_curve.png").stat().st_size > 0 and not (tmp_path / "ablation.png").exists()
+
+    # a second call with the same settings reuses the finished runs instead of training them again
+    stamps = {p: p.stat().st_mtime_ns for p in tmp_path.glob("*-seed*/weights/best.pt")}
+    again = experiment.run_experiment("cpu", project=tmp_path, seeds=[0, 1], data=str(tiny_data), **TINY)
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    pd.testing.assert_frame_equal(again.drop(columns="train_min"), df.drop(columns="train_min"))
+
+
+def test_ablation_trains_every_region_level_psi_and_weight(tmp_path, tiny_data):
+    stale = tmp_path / "student-seed0" / "results.csv"  # an unfinished earlier run in the same folder
     stale.parent.mkdir()
     stale.write_text("epoch,train/box_loss\n0,1.0\n1,1.0\n")
-    df = experiment.run_experiment(
-        "cpu", project=tmp_path, epochs=1, teacher_epochs=1, data=str(tiny_data), imgsz=96, batch=8, workers=0
-    )
-    assert list(df["model"]) == ["teacher", "student", "student + FGFI"]
-    for run in ("teacher", "student", "distilled"):
-        assert (tmp_path / run / "weights/best.pt").is_file()
-    assert (
-        "train/imitation_loss"
-        in pd.read_csv(tmp_path / "distilled/results.csv", skipinitialspace=True).columns.str.strip()
-    )
-    assert len(pd.read_csv(stale)) == 1  # the rerun replaced the old run instead of appending to it
-    saved = pd.read_csv(tmp_path / "results.csv")
-    assert saved["mAP50_95"].between(0, 1).all() and len(saved) == 3
-    assert "FGFI changes student mAP50-95" in (tmp_path / "results.md").read_text()
+    df = experiment.run_experiment("cpu", project=tmp_path, seeds=[0], ablation=True, data=str(tiny_data), **TINY)
+    assert list(df["arm"]) == ["teacher", *experiment.ARMS]
+    assert len(pd.read_csv(stale, skipinitialspace=True)) == 1  # replaced, not appended to
+    expected = {
+        "fgfi": ("fgfi", None, 0.5, 0.01),
+        "gtbox": ("gtbox", None, 0.5, 0.01),
+        "full": ("full", None, 0.5, 0.01),
+        "fgfi-3levels": ("fgfi", "detect", 0.5, 0.01),
+        "fgfi-psi0.3": ("fgfi", None, 0.3, 0.01),
+        "fgfi-psi0.7": ("fgfi", None, 0.7, 0.01),
+        "fgfi-w0.003": ("fgfi", None, 0.5, 0.003),
+        "fgfi-w0.03": ("fgfi", None, 0.5, 0.03),
+    }
+    for arm, (region, layers, psi, weight) in expected.items():
+        opt = yaml.safe_load((tmp_path / f"{arm}-seed0/opt.yaml").read_text())
+        assert (opt["imitation_region"], opt["imitation_layers"], opt["iou_factor"]) == (region, layers, psi), arm
+        assert opt["imitation_weight"] == pytest.approx(weight), arm
+    summary = pd.read_csv(tmp_path / "summary.csv")
+    assert list(summary["arm"]) == ["teacher", *experiment.ARMS]
+    assert (tmp_path / "ablation.png").stat().st_size > 0
 
 
-def test_experiment_reuses_a_given_teacher_or_says_it_is_missing(tmp_path):
+def test_bad_arguments_are_one_line_errors(tmp_path):
     with pytest.raises(UserError, match="--teacher"):
         experiment.run_experiment("cpu", teacher=str(tmp_path / "missing.pt"), project=tmp_path)
+    with pytest.raises(UserError, match="--arms"):
+        experiment.run_experiment("cpu", project=tmp_path, arms=["student", "fitnets"])
+    for bad in ("", "0,a", "1,1"):
+        with pytest.raises(UserError, match="--seeds"):
+            experiment.parse_seeds(bad)
+    assert experiment.parse_seeds("2, 0,1") == [2, 0, 1]
+
+
+def test_shipped_teacher_is_a_stripped_fp16_yolov5s_for_the_builtin_classes():
+    ckpt = load_checkpoint(experiment.TEACHER)
+    model = ckpt["model"]
+    assert ckpt["optimizer"] is None and ckpt["ema"] is None and ckpt["epoch"] == -1
+    assert next(model.parameters()).dtype.is_floating_point and all(p.dtype.itemsize == 2 for p in model.parameters())
+    assert model.nc == len(NAMES) and list(dict(model.names).values()) == list(NAMES)
+    assert model.yaml["width_multiple"] == 0.50 and experiment.TEACHER.stat().st_size < 16e6
+    card = json.loads(experiment.TEACHER_CARD.read_text())
+    assert 0 < card["val"]["mAP50_95"] < card["val"]["mAP50"] <= 1 and "train.py" in card["command"]
+
+
+def test_teacher_fingerprint_matches_the_builtin_generator(tmp_path):
+    """Fails when data/synthetic.py no longer makes the labels the shipped teacher was trained on: retrain it with
+    `python experiment.py --train-teacher` and commit the new weights/yolov5s-synthetic.{pt,json}."""
+    expected = json.loads(experiment.TEACHER_CARD.read_text())["dataset"]
+    generate_dataset(tmp_path)  # the built-in dataset's own call (data/synthetic.yaml: generate_dataset(path))
+    assert dataset_fingerprint(tmp_path) == expected
+
+
+def test_fingerprint_sees_a_changed_label_or_setting(tmp_path):
+    generate_dataset(tmp_path, n_train=3, n_val=2, seed=4)
+    before = dataset_fingerprint(tmp_path, seed=4)
+    assert before == dataset_fingerprint(tmp_path, seed=4)  # deterministic
+    label = tmp_path / "labels/val/000001.txt"
+    label.write_text(label.read_text() + "0 0.5 0.5 0.1 0.1\n")
+    assert dataset_fingerprint(tmp_path, seed=4)["labels_sha256"] != before["labels_sha256"]
+    assert dataset_fingerprint(tmp_path, seed=5)["generator"] != before["generator"]

@@ -312,8 +312,8 @@ def test_imitation_forward_uses_imitation_mask_with_that_levels_anchors(nano, mo
 
     calls = []
 
-    def fake_mask(targets, anchors, shape, iou_factor=0.5):
-        calls.append((anchors.clone(), tuple(shape), iou_factor))
+    def fake_mask(targets, anchors, shape, iou_factor=0.5, region="fgfi"):
+        calls.append((anchors.clone(), tuple(shape), iou_factor, region))
         return torch.ones(shape)
 
     monkeypatch.setattr(distill.mask, "imitation_mask", fake_mask)
@@ -322,7 +322,10 @@ def test_imitation_forward_uses_imitation_mask_with_that_levels_anchors(nano, mo
     detect = model.model[-1]
     assert [c[1] for c in calls] == [(2, 8, 12), (2, 4, 6), (2, 2, 3)]
     assert all(torch.equal(c[0], detect.anchors[k]) for k, c in enumerate(calls))
-    assert all(c[2] == 0.3 for c in calls)
+    assert all(c[2] == 0.3 and c[3] == "fgfi" for c in calls)
+    calls.clear()
+    model(torch.rand(1, 3, 64, 64), target=torch.zeros(0, 6), imitation_layers=17, region="gtbox")
+    assert [c[3] for c in calls] == ["gtbox"]
 
 
 @pytest.mark.parametrize(
