@@ -17,7 +17,7 @@ from utils.checkpoint import load_checkpoint
 from utils.general import UserError
 
 pytestmark = pytest.mark.slow
-TINY = dict(epochs=1, imgsz=64, batch=8, workers=0)
+TINY = dict(epochs=1, imgsz=64, batch=8, workers=0, noplots=True)
 
 
 def test_seeds_train_each_arm_per_seed_with_mean_std_and_gain(tmp_path, tiny_data):
