@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torchvision
 
 from utils.general import (
     UserError,
@@ -155,6 +156,23 @@ def test_nms_matches_greedy_reference(kwargs):
             assert np.allclose(row[:4], box) and np.isclose(row[4], conf) and row[5] == cls
         assert (det[:, 4] > kw["conf_thres"]).all()
         assert (det[:-1, 4] >= det[1:, 4]).all()  # best first
+
+
+@pytest.mark.parametrize("agnostic", [False, True])
+def test_nms_with_many_candidates_equals_the_class_offset_trick(agnostic):
+    """Past 4000 candidates batched NMS runs class by class on CPU; it must keep exactly what one NMS over boxes
+    shifted apart by class (YOLOv5's trick) keeps, in the same order."""
+    pred = random_predictions(seed=7, bs=1, n=3000, nc=4)  # float64: the shifted boxes keep their precision
+    pred[..., 4] = 0.5 + 0.5 * pred[..., 4]  # every box a candidate: 12000 (box, class) pairs with multi_label
+    (det,) = non_max_suppression(pred.clone(), 0.001, 0.6, agnostic=agnostic, multi_label=True, max_det=30000)
+    x = pred[0].clone()
+    x[:, 5:] *= x[:, 4:5]
+    i, j = (x[:, 5:] > 0.001).nonzero(as_tuple=False).T
+    boxes = torch.cat((x[i, :2] - x[i, 2:4] / 2, x[i, :2] + x[i, 2:4] / 2), 1)
+    scores, cls = x[i, j + 5], j.float()
+    assert len(scores) > 4000
+    keep = torchvision.ops.nms(boxes + cls[:, None] * (0 if agnostic else 7680), scores, 0.6)
+    torch.testing.assert_close(det, torch.cat((boxes[keep], scores[keep, None], cls[keep, None]), 1))
 
 
 def test_nms_edge_cases():

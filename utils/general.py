@@ -317,7 +317,7 @@ def non_max_suppression(
     if mps:
         prediction = prediction.cpu()
     bs, nc = prediction.shape[0], prediction.shape[2] - 5
-    max_wh, max_nms = 7680, 30000  # class offset for batched NMS; most boxes into torchvision.ops.nms
+    max_nms = 30000  # most boxes into torchvision.ops.batched_nms
     multi_label &= nc > 1
     output = [torch.zeros((0, 6), device=prediction.device)] * bs
     candidates = prediction[..., 4] > conf_thres
@@ -346,8 +346,12 @@ def non_max_suppression(
         if not x.shape[0]:
             continue
         x = x[x[:, 4].argsort(descending=True)[:max_nms]]
-        offsets = x[:, 5:6] * (0 if agnostic else max_wh)
-        keep = torchvision.ops.nms(x[:, :4] + offsets, x[:, 4], iou_thres)[:max_det]
+        # Boxes of different classes never suppress each other. batched_nms keeps the boxes of YOLOv5's class-offset
+        # trick (exactly so in float64; in float32 the trick's shifted coordinates round, so a box whose IoU sits at
+        # the threshold may differ), but on CPU with many boxes it runs NMS class by class, O(sum n_c^2) instead of
+        # O(n^2): 2-3x faster validation of a barely trained model (tens of thousands of candidates per image).
+        groups = torch.zeros_like(x[:, 5], dtype=torch.long) if agnostic else x[:, 5].long()
+        keep = torchvision.ops.batched_nms(x[:, :4], x[:, 4], groups, iou_thres)[:max_det]
         output[xi] = x[keep]
         if mps:
             output[xi] = output[xi].to(device)
