@@ -6,6 +6,7 @@ Usage:
                                                  path/                # directory
                                                  'path/*.jpg'         # glob
                                                  list.txt             # one image/video path per line
+    $ python detect.py --weights best.onnx ...     # or best.torchscript, best_openvino_model/ (export.py)
 
 Annotated images and videos go to runs/detect/exp*, --save-txt labels to labels/<stem>.txt as
 (class, x, y, w, h[, conf]) with xywh normalized to the original image.
@@ -76,14 +77,14 @@ def _can_imshow() -> bool:
 
 
 def _load_model(weights, device: torch.device, data):
-    """Load the --weights checkpoint as a fused float eval DetectionModel; returns (model, names dict)."""
+    """Load --weights (.pt, .torchscript, .onnx, OpenVINO folder) as a DetectMultiBackend; returns (model, names)."""
     weights = [str(w) for w in (weights if isinstance(weights, (list, tuple)) else [weights])]
     for w in weights:
-        if not Path(w).is_file():
-            raise UserError(f"--weights {w} not found: pass the path of a trained .pt checkpoint")
-    from utils.checkpoint import attempt_load
+        if not Path(w).exists():
+            raise UserError(f"--weights {w} not found: pass the path of a trained .pt checkpoint or an exported model")
+    from models.backend import DetectMultiBackend
 
-    model = attempt_load(weights[0] if len(weights) == 1 else weights, device=device, fuse=True)
+    model = DetectMultiBackend(weights, device=device)
     names = getattr(model, "names", None)
     if not names and data and Path(data).is_file():  # names from the data YAML when the model has none
         names = yaml_load(data).get("names")
@@ -129,7 +130,7 @@ def run(
     hide_labels=False,  # hide labels
     hide_conf=False,  # hide confidences
     half=False,  # use FP16 half-precision inference (CUDA only)
-    dnn=False,  # OpenCV DNN for ONNX: accepted for CLI compatibility, only PyTorch weights are supported
+    dnn=False,  # OpenCV DNN for ONNX: accepted for CLI compatibility, ONNX files run with onnxruntime
     vid_stride=1,  # video frame-rate stride
 ) -> Path:
     """Detect objects in every image / video frame of source; returns the results folder (runs/detect/exp*)."""
@@ -141,7 +142,7 @@ def run(
         raise UserError(f"--source {source}: webcams, streams, URLs and screenshots are not supported; "
                         "pass an image, video, directory, glob or .txt list of paths")  # fmt: skip
     if dnn:
-        LOGGER.warning("WARNING: --dnn is for ONNX models; PyTorch weights run with PyTorch")
+        LOGGER.warning("WARNING: --dnn ignored: ONNX files run with onnxruntime, PyTorch weights with PyTorch")
     save_img = not nosave
 
     device = select_device(device)
@@ -149,12 +150,17 @@ def run(
     model, names = _load_model(weights, device, data)
     if half:
         model.half()
-    stride = int(model.stride.max())
+    stride = int(torch.as_tensor(model.stride).max())
     imgsz = [imgsz, imgsz] if isinstance(imgsz, int) else list(imgsz)
     imgsz = check_img_size(imgsz * 2 if len(imgsz) == 1 else imgsz, s=stride)
+    dynamic = getattr(model, "dynamic", True)  # False: an export traced at one input shape
+    if not dynamic:
+        if list(model.imgsz) != imgsz:
+            LOGGER.info(f"Using {model.weights.name}'s fixed input size {list(model.imgsz)}, not --imgsz {imgsz}")
+        imgsz = list(model.imgsz)
 
-    try:
-        dataset = LoadImages(source, img_size=imgsz, stride=stride, auto=True, vid_stride=vid_stride)
+    try:  # a fixed-shape export gets every image letterboxed to exactly imgsz, others to the smallest stride multiple
+        dataset = LoadImages(source, img_size=imgsz, stride=stride, auto=dynamic, vid_stride=vid_stride)
     except FileNotFoundError as e:
         raise UserError(f"--source {source}: {e}") from None
     save_dir = increment_path(Path(project) / name, exist_ok=exist_ok)  # made only once the inputs are known good
@@ -247,7 +253,7 @@ def run(
 
 def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--weights", nargs="+", type=str, default=ROOT / "yolov5s.pt", help="model path(s)")
+    parser.add_argument("--weights", nargs="+", type=str, default=ROOT / "yolov5s.pt", help="*.pt, *.onnx, ... path")
     parser.add_argument("--source", type=str, default=ROOT / "data/images", help="file/dir/glob/.txt list")
     parser.add_argument("--data", type=str, default=ROOT / "data/synthetic.yaml", help="(optional) dataset.yaml path")
     parser.add_argument("--imgsz", "--img", "--img-size", nargs="+", type=int, default=[640], help="inference size h,w")
