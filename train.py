@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import random
 import sys
 import time
-from copy import deepcopy
-from datetime import datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -33,11 +31,11 @@ if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
 import val as validate  # noqa: E402
-from distill import REGIONS, FeatureAdapters, feature_channels, load_teacher, teacher_features  # noqa: E402
-from models.yolo import DetectionModel  # noqa: E402
+from distill import REGIONS, Distiller, parse_imitation_layers  # noqa: E402
 from utils.autoanchor import check_anchors  # noqa: E402
-from utils.checkpoint import attempt_load, load_checkpoint, save_checkpoint, strip_optimizer  # noqa: E402
+from utils.checkpoint import attempt_load, load_student, save_checkpoint, strip_optimizer, training_checkpoint  # noqa: E402
 from utils.dataloaders import create_dataloader  # noqa: E402
+from utils.evolve import evolve  # noqa: E402
 from utils.general import (  # noqa: E402
     LOCAL_RANK,
     LOGGER,
@@ -51,7 +49,6 @@ from utils.general import (  # noqa: E402
     colorstr,
     increment_path,
     init_seeds,
-    intersect_dicts,
     labels_to_class_weights,
     labels_to_image_weights,
     one_cycle,
@@ -61,7 +58,9 @@ from utils.general import (  # noqa: E402
 )
 from utils.loss import ComputeLoss  # noqa: E402
 from utils.metrics import fitness  # noqa: E402
+from utils.options import check_train_options, resume_options  # noqa: E402
 from utils.plots import plot_images, plot_imitation_masks, plot_labels, plot_results  # noqa: E402
+from utils.results import append_results, results_row, truncate_results  # noqa: E402
 from utils.torch_utils import (  # noqa: E402
     EarlyStopping,
     ModelEMA,
@@ -72,8 +71,6 @@ from utils.torch_utils import (  # noqa: E402
     smart_resume,
     torch_distributed_zero_first,
 )
-
-METRIC_KEYS = ["metrics/precision", "metrics/recall", "metrics/mAP_0.5", "metrics/mAP_0.5:0.95"]
 
 
 def train(hyp: dict | str, opt: argparse.Namespace, device: torch.device) -> tuple:
@@ -107,17 +104,7 @@ def train(hyp: dict | str, opt: argparse.Namespace, device: torch.device) -> tup
     names = {0: "item"} if single_cls and len(data_dict["names"]) != 1 else data_dict["names"]
 
     # Student: a checkpoint's weights transferred into a fresh model (nc may differ), or a YAML from scratch
-    ckpt = None
-    if str(weights).endswith(".pt"):
-        ckpt = load_checkpoint(check_file(weights, "--weights"))
-        src = ckpt.get("ema") or ckpt["model"]
-        model = DetectionModel(cfg or src.yaml, ch=3, nc=nc, anchors=hyp.get("anchors")).to(device)
-        exclude = ["anchor"] if (cfg or hyp.get("anchors")) and not resume else []
-        csd = intersect_dicts(src.float().state_dict(), model.state_dict(), exclude=exclude)
-        model.load_state_dict(csd, strict=False)
-        LOGGER.info(f"Transferred {len(csd)}/{len(model.state_dict())} items from {weights}")
-    else:
-        model = DetectionModel(check_yaml(cfg, "--cfg"), ch=3, nc=nc, anchors=hyp.get("anchors")).to(device)
+    model, ckpt = load_student(weights, cfg, nc, hyp.get("anchors"), resume, device)
     amp = cuda  # mixed precision on CUDA only
 
     freeze = [f"model.{x}." for x in (freeze if len(freeze) > 1 else range(freeze[0]))]
@@ -127,36 +114,27 @@ def train(hyp: dict | str, opt: argparse.Namespace, device: torch.device) -> tup
             LOGGER.info(f"freezing {k}")
             v.requires_grad = False
 
-    gs = max(int(model.stride.max()), 32)
-    imgsz = check_img_size(opt.imgsz, gs, floor=gs * 2)
-
-    # Teacher (frozen, outside the student) and the trainable adapters that map student -> teacher channels
-    teacher, adapters, layers, t_layers = None, None, None, None
+    # FGFI: the frozen teacher, the adapters and the imitation settings, beside the plain student (distill/)
+    distiller = None
     if opt.ft_weights:
-        layers = de_parallel(model).imitation_points(opt.imitation_layers)
-        teacher = load_teacher(check_file(opt.ft_weights, "--ft_weights"), model, device, opt.imitation_layers)
-        t_layers = teacher.imitation_points(opt.imitation_layers)
-        adapters = FeatureAdapters(
-            feature_channels(model, layers, gs * 2), feature_channels(teacher, t_layers, gs * 2), opt.adapter_kernel
-        ).to(device)
+        distiller = Distiller(
+            model, opt.ft_weights, device, *parse_imitation_layers(opt.imitation_layers), opt.iou_factor,
+            opt.imitation_region, opt.imitation_weight, opt.adapter_kernel,
+        )  # fmt: skip
         if ckpt is not None and resume and ckpt.get("distill"):
-            adapters.load_state_dict(ckpt["distill"]["adapters"])
-            LOGGER.info(f"Restored imitation adapters from {weights}")
-        LOGGER.info(
-            f"{colorstr('FGFI: ')}teacher {opt.ft_weights} -> student, imitating layer(s) {layers} "
-            f"(teacher {t_layers}), weight {opt.imitation_weight}, region {opt.imitation_region}, "
-            f"iou_factor {opt.iou_factor}"
-        )
+            distiller.load_state_dict(ckpt["distill"])
+    gs = max(int(model.stride.max()), distiller.stride if distiller else 0, 32)  # a P6 teacher needs 64
+    imgsz = check_img_size(opt.imgsz, gs, floor=gs * 2)
     if opt.channels_last:
         model = model.to(memory_format=torch.channels_last)
 
-    # Optimizer: YOLOv5's three groups, plus the adapters (decayed like weights)
+    # Optimizer: YOLOv5's three groups, plus the adapters' weights (decayed) and biases (not decayed)
     nbs = 64  # nominal batch size
     accumulate = max(round(nbs / batch_size), 1)
     hyp["weight_decay"] *= batch_size * accumulate / nbs
     optimizer = smart_optimizer(model, opt.optimizer, hyp["lr0"], hyp["momentum"], hyp["weight_decay"])
-    if adapters is not None:
-        optimizer.add_param_group({"params": list(adapters.parameters()), "weight_decay": hyp["weight_decay"]})
+    for group in distiller.param_groups(hyp["weight_decay"]) if distiller else []:
+        optimizer.add_param_group(group)
 
     if opt.cos_lr:
         lf = one_cycle(1, hyp["lrf"], epochs)
@@ -169,6 +147,8 @@ def train(hyp: dict | str, opt: argparse.Namespace, device: torch.device) -> tup
     if ckpt is not None and resume:
         best_fitness, start_epoch, epochs = smart_resume(ckpt, optimizer, ema, weights, epochs, resume)
         LOGGER.info(f"Resuming training from {weights} from epoch {start_epoch} to {epochs} total epochs")
+        if RANK in {-1, 0}:  # rows of epochs after the checkpoint's are redone (killed before it was saved)
+            truncate_results(save_dir / "results.csv", start_epoch - 1)
     del ckpt
 
     if opt.sync_bn and cuda and RANK != -1:
@@ -183,8 +163,6 @@ def train(hyp: dict | str, opt: argparse.Namespace, device: torch.device) -> tup
         nc=nc,
     )  # fmt: skip
     labels = np.concatenate(dataset.labels, 0) if dataset.labels else np.zeros((0, 5))
-    if len(labels) and labels[:, 0].max() >= nc:
-        raise UserError(f"label class {int(labels[:, 0].max())} exceeds nc={nc} in {data}: fix the labels or names")
     if RANK in {-1, 0}:
         val_loader = create_dataloader(
             val_path, imgsz, batch_size // WORLD_SIZE * 2, gs, single_cls, hyp=hyp,
@@ -198,14 +176,11 @@ def train(hyp: dict | str, opt: argparse.Namespace, device: torch.device) -> tup
             if plots:
                 plot_labels(labels, names, save_dir)
 
-    if cuda and RANK != -1:
-        model = smart_DDP(model)
-        if adapters is not None:
-            adapters = smart_DDP(adapters)
-    elif RANK != -1:  # CPU (gloo) DDP
-        model = nn.parallel.DistributedDataParallel(model)
-        if adapters is not None:
-            adapters = nn.parallel.DistributedDataParallel(adapters)
+    if RANK != -1:  # the adapters are trained on every rank too; the teacher is replicated, never wrapped
+        ddp = smart_DDP if cuda else nn.parallel.DistributedDataParallel  # NCCL or CPU (gloo)
+        model = ddp(model)
+        if distiller:
+            distiller.wrap(ddp)
 
     # Loss gains scale with the number of levels, classes and image size, as in YOLOv5
     nl = de_parallel(model).model[-1].nl
@@ -226,17 +201,18 @@ def train(hyp: dict | str, opt: argparse.Namespace, device: torch.device) -> tup
     scheduler.last_epoch = start_epoch - 1
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     stopper, stop = EarlyStopping(patience=opt.patience), False
-    compute_loss = ComputeLoss(model, hyp, imitation_weight=opt.imitation_weight if teacher is not None else None)
+    compute_loss = ComputeLoss(model, hyp, imitation_weight=distiller.imitation_weight if distiller else None)
     loss_names = compute_loss.names
-    trainable = [p for p in model.parameters()] + ([p for p in adapters.parameters()] if adapters is not None else [])
+    trainable = list(model.parameters()) + (distiller.parameters() if distiller else [])
+    epoch = start_epoch - 1  # a run resumed after its last epoch's save only finishes (strip, validate)
     LOGGER.info(
         f"Image sizes {imgsz} train, {imgsz} val\nUsing {train_loader.num_workers} dataloader workers\n"
         f"Logging results to {colorstr('bold', save_dir)}\nStarting training for {epochs} epochs..."
     )
     for epoch in range(start_epoch, epochs):
         model.train()
-        if adapters is not None:
-            adapters.train()
+        if distiller:
+            distiller.train()
         if opt.image_weights:
             cw = m.class_weights.cpu().numpy() * (1 - maps) ** 2 / nc
             iw = labels_to_image_weights(dataset.labels, nc=nc, class_weights=cw)
@@ -275,18 +251,8 @@ def train(hyp: dict | str, opt: argparse.Namespace, device: torch.device) -> tup
                     imgs = nn.functional.interpolate(imgs, size=ns, mode="bilinear", align_corners=False)
 
             with torch.autocast(device_type=device.type, enabled=amp):
-                if teacher is None:
-                    pred = model(imgs)
-                    loss, items = compute_loss(pred, targets)
-                    masks = None
-                else:
-                    pred, feats, masks = model(
-                        imgs, target=targets, imitation_layers=layers, iou_factor=opt.iou_factor,
-                        region=opt.imitation_region,
-                    )  # fmt: skip
-                    feats, masks = _as_list(feats), _as_list(masks)
-                    t_feats = teacher_features(teacher, imgs, t_layers)
-                    loss, items = compute_loss(pred, targets, teacher=t_feats, student=adapters(feats), mask=masks)
+                pred, imitation = distiller(model, imgs, targets) if distiller else (model(imgs), {})
+                loss, items = compute_loss(pred, targets, **imitation)
                 if RANK != -1:
                     loss *= WORLD_SIZE  # gradients are averaged across ranks
                 if opt.quad:
@@ -312,10 +278,11 @@ def train(hyp: dict | str, opt: argparse.Namespace, device: torch.device) -> tup
                 )
                 if plots and ni < 3:
                     plot_images(imgs, targets, paths, save_dir / f"train_batch{ni}.jpg", names)
-                    if masks is not None:
-                        plot_imitation_masks(imgs, masks, targets, save_dir / f"imitation_masks{ni}.jpg", names)
+                    if imitation:
+                        f = save_dir / f"imitation_masks{ni}.jpg"
+                        plot_imitation_masks(imgs, imitation["mask"], targets, f, names)
 
-        lr = [x["lr"] for x in optimizer.param_groups[:3]]
+        lr = [x["lr"] for x in optimizer.param_groups]  # x/lr3, x/lr4: the adapters' weights and biases
         scheduler.step()
 
         if RANK in {-1, 0}:
@@ -330,29 +297,15 @@ def train(hyp: dict | str, opt: argparse.Namespace, device: torch.device) -> tup
             fi = float(fitness(np.array(results[:4]).reshape(1, -1))[0])
             stop = stopper(epoch=epoch, fitness=fi)
             best_fitness = max(best_fitness, fi)
-            val_losses = dict(zip(loss_names, results[4:]))
-            row = {f"train/{k}_loss": float(v) for k, v in zip(loss_names, mloss)}
-            row.update(dict(zip(METRIC_KEYS, (float(x) for x in results[:4]))))
-            row.update({f"val/{k}_loss": float(v) for k, v in val_losses.items() if k != "imitation"})
-            row.update({f"x/lr{j}": float(x) for j, x in enumerate(lr)})
-            append_results(save_dir / "results.csv", epoch, row)
+            append_results(save_dir / "results.csv", epoch, results_row(loss_names, mloss, results, lr))
 
-            if (not nosave) or (final_epoch and not evolve):
-                ckpt = {
-                    "epoch": epoch,
-                    "best_fitness": best_fitness,
-                    "model": deepcopy(de_parallel(model)).half(),
-                    "ema": deepcopy(ema.ema).half(),
-                    "updates": ema.updates,
-                    "optimizer": optimizer.state_dict(),
-                    "opt": {k: str(v) if isinstance(v, Path) else v for k, v in vars(opt).items()},
-                    "git": None,
-                    "date": datetime.now().isoformat(),
-                    "distill": distill_state_dict(adapters, opt, layers) if adapters is not None else None,
-                }
-                save_checkpoint(ckpt, last)
+            if (not nosave) or (final_epoch and not evolve):  # the CSV row, best.pt, then last.pt commits the epoch
+                ckpt = training_checkpoint(
+                    epoch, best_fitness, model, ema, optimizer, opt, distiller.state_dict() if distiller else None
+                )
                 if best_fitness == fi:
                     save_checkpoint(ckpt, best)
+                save_checkpoint(ckpt, last)
                 if opt.save_period > 0 and epoch % opt.save_period == 0:
                     save_checkpoint(ckpt, wdir / f"epoch{epoch}.pt")
                 del ckpt
@@ -366,7 +319,7 @@ def train(hyp: dict | str, opt: argparse.Namespace, device: torch.device) -> tup
 
     if RANK in {-1, 0}:
         LOGGER.info(f"\n{epoch - start_epoch + 1} epochs completed in {(time.time() - t0) / 3600:.3f} hours.")
-        for f in last, best:
+        for f in best, last:  # best first: a run killed in between is resumed from last.pt and strips both
             if f.exists():
                 strip_optimizer(f)
                 if f is best and not evolve:
@@ -382,32 +335,6 @@ def train(hyp: dict | str, opt: argparse.Namespace, device: torch.device) -> tup
         LOGGER.info(f"Results saved to {colorstr('bold', save_dir)}")
     torch.cuda.empty_cache()
     return results
-
-
-def _as_list(x):
-    return x if isinstance(x, (list, tuple)) else [x]
-
-
-def distill_state_dict(adapters: nn.Module, opt: argparse.Namespace, layers: list[int]) -> dict:
-    """What a distillation run needs beside the student to resume: adapters and the imitation settings."""
-    return {
-        "adapters": {k: v.detach().clone() for k, v in de_parallel(adapters).state_dict().items()},
-        "teacher": str(opt.ft_weights),
-        "imitation_layers": list(layers),
-        "iou_factor": float(opt.iou_factor),
-        "imitation_region": str(opt.imitation_region),
-        "imitation_weight": float(opt.imitation_weight),
-        "adapter_kernel": int(opt.adapter_kernel),
-    }
-
-
-def append_results(file: Path, epoch: int, row: dict) -> None:
-    """One results.csv row per epoch, YOLOv5's fixed-width CSV; the header comes from the row's keys."""
-    keys = ["epoch", *row]
-    n = len(keys)
-    header = "" if file.exists() else ("%20s," * n % tuple(keys)).rstrip(",") + "\n"
-    with open(file, "a") as f:
-        f.write(header + ("%20.5g," * n % (epoch, *row.values())).rstrip(",") + "\n")
 
 
 def parse_opt(known: bool = False, args: list[str] | None = None) -> argparse.Namespace:
@@ -451,7 +378,8 @@ def parse_opt(known: bool = False, args: list[str] | None = None) -> argparse.Na
     parser.add_argument("--iou-factor", type=float, default=0.5, help="FGFI psi: keep anchors with IoU > psi * max IoU")
     parser.add_argument(
         "--imitation-layers", type=str, default="default",
-        help="imitated layers: 'default' (the stride-8 neck Concat), 'detect' (P3/P4/P5 inputs) or indices '17,20,23'",
+        help="'default' (the stride-8 neck Concat), 'detect' (P3/P4/P5 inputs), indices '17,20,23' or, for a teacher "
+        "of another architecture, student:teacher indices '17,20,23:23,26,29'",
     )  # fmt: skip
     parser.add_argument(
         "--imitation-region", choices=REGIONS, default="fgfi",
@@ -462,50 +390,25 @@ def parse_opt(known: bool = False, args: list[str] | None = None) -> argparse.Na
     return parser.parse_known_args(args)[0] if known else parser.parse_args(args)
 
 
-def parse_imitation_layers(value) -> None | str | list[int]:
-    if value in (None, "", "default"):
-        return None
-    if isinstance(value, (list, tuple)):
-        return [int(x) for x in value]
-    if value == "detect":
-        return "detect"
-    try:
-        return [int(x) for x in str(value).replace(" ", "").split(",") if x]
-    except ValueError:
-        raise UserError(
-            f"--imitation-layers '{value}': use 'default', 'detect' or layer indices like 17,20,23"
-        ) from None
-
-
 def main(opt: argparse.Namespace) -> tuple | None:
     if RANK in {-1, 0}:
         print_args(vars(opt), "train")
 
     if opt.resume and not opt.evolve:  # continue an interrupted run with its own options
-        last = Path(opt.resume if isinstance(opt.resume, str) else get_latest_run())
-        if not last.is_file():
-            raise UserError(f"--resume {last}: checkpoint not found; pass the run's weights/last.pt")
-        opt_yaml = last.parent.parent / "opt.yaml"
-        saved = yaml_load(opt_yaml) if opt_yaml.is_file() else load_checkpoint(last)["opt"]
-        device_arg = opt.device
-        opt = argparse.Namespace(**saved)
-        opt.cfg, opt.weights, opt.resume, opt.device = "", str(last), True, device_arg or saved.get("device", "")
-        opt.save_dir = str(last.parent.parent)
+        opt = resume_options(opt, defaults=parse_opt(True, args=[]))
     else:
         opt.data, opt.cfg, opt.hyp = (check_file(opt.data, "--data"), str(opt.cfg), check_yaml(opt.hyp, "--hyp"))
         if opt.cfg:
             opt.cfg = check_yaml(opt.cfg, "--cfg")
         if not (opt.cfg or opt.weights):
             raise UserError("either --cfg (a model YAML) or --weights (a .pt) must be given")
+        if opt.ft_weights:  # absolute: a --resume from another directory still finds it
+            opt.ft_weights = str(Path(check_file(opt.ft_weights, "--ft_weights")).resolve())
         if opt.evolve:
             opt.project = str(ROOT / "runs/evolve") if opt.project == str(ROOT / "runs/train") else opt.project
             opt.exist_ok, opt.resume = opt.resume, False
         opt.save_dir = str(increment_path(Path(opt.project) / opt.name, exist_ok=opt.exist_ok))
-    opt.imitation_layers = parse_imitation_layers(getattr(opt, "imitation_layers", None))
-    opt.adapter_kernel = int(getattr(opt, "adapter_kernel", 3))
-    opt.imitation_region = getattr(opt, "imitation_region", "fgfi")  # opt.yaml of runs older than the flag
-    if opt.imitation_region not in REGIONS:
-        raise UserError(f"--imitation-region {opt.imitation_region!r}: use one of {', '.join(REGIONS)}")
+    check_train_options(opt)
 
     device = select_device(opt.device, batch_size=opt.batch_size)
     if LOCAL_RANK != -1:
@@ -522,69 +425,12 @@ def main(opt: argparse.Namespace) -> tuple | None:
     try:
         if not opt.evolve:
             return train(opt.hyp, opt, device)
-        return evolve(opt, device)
+        return evolve(opt, device, train)
     finally:
         if WORLD_SIZE > 1 and dist.is_initialized() and RANK == 0:
             LOGGER.info("Destroying process group... ")
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-def get_latest_run(search_dir: str | Path = ROOT / "runs") -> str:
-    runs = sorted(Path(search_dir).glob("**/last*.pt"), key=os.path.getctime)
-    if not runs:
-        raise UserError(f"--resume: no last.pt found under {search_dir}; pass the checkpoint path")
-    return str(runs[-1])
-
-
-# Hyperparameter evolution: (mutation scale 0-1, lower limit, upper limit) per key, YOLOv5's search space
-EVOLVE_META = {
-    "lr0": (1, 1e-5, 1e-1), "lrf": (1, 0.01, 1.0), "momentum": (0.3, 0.6, 0.98), "weight_decay": (1, 0.0, 0.001),
-    "warmup_epochs": (1, 0.0, 5.0), "warmup_momentum": (1, 0.0, 0.95), "warmup_bias_lr": (1, 0.0, 0.2),
-    "box": (1, 0.02, 0.2), "cls": (1, 0.2, 4.0), "cls_pw": (1, 0.5, 2.0), "obj": (1, 0.2, 4.0),
-    "obj_pw": (1, 0.5, 2.0), "iou_t": (0, 0.1, 0.7), "anchor_t": (1, 2.0, 8.0), "fl_gamma": (0, 0.0, 2.0),
-    "hsv_h": (1, 0.0, 0.1), "hsv_s": (1, 0.0, 0.9), "hsv_v": (1, 0.0, 0.9), "degrees": (1, 0.0, 45.0),
-    "translate": (1, 0.0, 0.9), "scale": (1, 0.0, 0.9), "shear": (1, 0.0, 10.0), "perspective": (0, 0.0, 0.001),
-    "flipud": (1, 0.0, 1.0), "fliplr": (0, 0.0, 1.0), "mosaic": (1, 0.0, 1.0), "mixup": (1, 0.0, 1.0),
-    "copy_paste": (1, 0.0, 1.0),
-}  # fmt: skip
-
-
-def evolve(opt: argparse.Namespace, device: torch.device) -> tuple:
-    """Genetic hyperparameter search as YOLOv5: mutate the best of evolve.csv, train, append the result."""
-    import pandas as pd
-
-    hyp = yaml_load(check_yaml(opt.hyp, "--hyp"))
-    keys = [k for k in EVOLVE_META if k in hyp]
-    opt.noval, opt.nosave = True, True
-    save_dir = Path(opt.save_dir)
-    save_dir.mkdir(parents=True, exist_ok=True)
-    evolve_csv = save_dir / "evolve.csv"
-    rng = np.random.default_rng(opt.seed)
-    results = ()
-    for _ in tqdm(range(opt.evolve), desc="Evolving hyperparameters"):
-        if evolve_csv.exists():  # mutate a fitness-weighted parent among the best five
-            df = pd.read_csv(evolve_csv, skipinitialspace=True)
-            df.columns = [c.strip() for c in df.columns]
-            df = df.sort_values("fitness", ascending=False).head(5)
-            w = df["fitness"].to_numpy() - df["fitness"].min() + 1e-6
-            parent = df.iloc[int(rng.choice(len(df), p=w / w.sum()))]
-            scale = np.array([EVOLVE_META[k][0] for k in keys])
-            v = np.ones(len(keys))
-            while np.all(v == 1):  # mutate until something changes
-                v = (rng.random(len(keys)) < 0.8) * rng.standard_normal(len(keys)) * rng.random() * scale * 0.2 + 1
-                v = v.clip(0.3, 3.0)
-            for k, x in zip(keys, v):
-                hyp[k] = float(parent[k] * x)
-        for k in keys:
-            lo, hi = EVOLVE_META[k][1:]
-            hyp[k] = round(min(max(hyp[k], lo), hi), 5)
-        results = train(hyp.copy(), opt, device)
-        fi = float(fitness(np.array(results[:4]).reshape(1, -1))[0])
-        row = pd.DataFrame([{**dict(zip(METRIC_KEYS, results[:4])), "fitness": fi, **{k: hyp[k] for k in keys}}])
-        row.to_csv(evolve_csv, mode="a", header=not evolve_csv.exists(), index=False)
-    LOGGER.info(f"Hyperparameter evolution finished; results in {colorstr('bold', evolve_csv)}")
-    return results
 
 
 def run(**kwargs) -> tuple | None:

@@ -2,6 +2,7 @@
 
 Usage:
     python val.py --weights yolov5s.pt --data coco128.yaml --img 640
+    python val.py --weights best.onnx --data synthetic.yaml               # or best.torchscript, best_openvino_model/
     python val.py --weights a.pt b.pt --task speed          # timings only, conf 0.25, NMS IoU 0.45
     python val.py --weights yolov5s.pt --task study         # sweep --img 256..1536, write study_*.txt
 """
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from models.backend import DetectMultiBackend
 from utils.checkpoint import attempt_load
 from utils.dataloaders import create_dataloader
 from utils.general import (
@@ -91,6 +93,21 @@ def _set_precision(model: torch.nn.Module, half: bool) -> None:
         model.half() if half else model.float()
 
 
+def _fixed_shape_batch(model, imgsz: int) -> tuple[int, int]:
+    """(imgsz, batch size) for an export with a fixed input shape: its own, square letterboxed, with a note."""
+    h, w = model.imgsz
+    if h != w:
+        raise UserError(
+            f"--weights {model.weights} was exported for {h}x{w} images; val.py letterboxes square images: "
+            f"export with a square --imgsz or with --dynamic"
+        )
+    LOGGER.info(
+        f"Forcing --batch-size {model.batch_size} square inference ({model.batch_size}, 3, {h}, {w}) for fixed-shape "
+        f"{model.weights.name}{f' (not --imgsz {imgsz})' if imgsz != h else ''}; export with --dynamic to change it"
+    )
+    return h, model.batch_size
+
+
 def _try_plot(fn, *args, **kwargs) -> None:
     """Plots are a by-product: a failure warns instead of ending a long training run."""
     try:
@@ -102,7 +119,7 @@ def _try_plot(fn, *args, **kwargs) -> None:
 @smart_inference_mode()
 def run(
     data,
-    weights=None,  # model.pt path(s)
+    weights=None,  # model path: *.pt, *.torchscript, *.onnx or *_openvino_model/
     batch_size: int = 32,
     imgsz: int = 640,  # inference size (pixels)
     conf_thres: float = 0.001,
@@ -122,7 +139,7 @@ def run(
     name: str = "exp",
     exist_ok: bool = False,
     half: bool = True,  # FP16 inference (CUDA only)
-    dnn: bool = False,  # OpenCV DNN backend: not supported, only PyTorch weights
+    dnn: bool = False,  # OpenCV DNN backend: not supported, ONNX files run with onnxruntime
     model=None,
     dataloader=None,
     save_dir=Path(""),
@@ -142,19 +159,25 @@ def run(
         half &= device.type != "cpu"
         _set_precision(model, half)
     else:
+        for flag, value in (("--batch-size", batch_size), ("--imgsz", imgsz)):
+            if value < 1:
+                raise UserError(f"{flag} {value}: must be >= 1")
         device = select_device(device, batch_size=batch_size)
         save_dir = increment_path(Path(project) / name, exist_ok=exist_ok)
         if dnn:
-            LOGGER.warning("WARNING: --dnn ignored: only PyTorch *.pt weights are supported")
-        model = attempt_load(weights, device=device)
+            LOGGER.warning("WARNING: --dnn ignored: ONNX files run with onnxruntime")
+        model = DetectMultiBackend(weights, device=device, load_pt=attempt_load)
         half &= device.type != "cpu"
         _set_precision(model, half)
         data = check_dataset(data)
     save_dir = Path(save_dir)
     (save_dir / "labels" if save_txt else save_dir).mkdir(parents=True, exist_ok=True)
-    stride = max(int(model.stride.max()), 32)
+    stride = max(int(torch.as_tensor(model.stride).max()), 32)
+    fixed_shape = not training and not getattr(model, "dynamic", True)  # an export traced at one input shape
     if not training:
         imgsz = check_img_size(imgsz, s=stride)
+    if fixed_shape:
+        imgsz, batch_size = _fixed_shape_batch(model, imgsz)
 
     model.eval()
     val_path = data.get("val")
@@ -171,8 +194,8 @@ def run(
                 f"pass weights trained on this dataset (or --single-cls)"
             )
         if device.type != "cpu":  # warm up
-            model(torch.zeros(1, 3, imgsz, imgsz, device=device).type_as(next(model.parameters())))
-        pad, rect = (0.0, False) if task == "speed" else (0.5, True)
+            model(torch.zeros(1, 3, imgsz, imgsz, device=device, dtype=torch.half if half else torch.float))
+        pad, rect = (0.0, False) if task == "speed" or fixed_shape else (0.5, True)
         task = task if task in ("train", "val", "test") else "val"
         if not data.get(task):
             raise UserError(f"--task {task}: the data YAML has no '{task}:' images")
@@ -346,7 +369,7 @@ def plot_study(files: list[Path], x: list[int], save_file: Path = Path("study.pn
 def parse_opt(args: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     parser.add_argument("--data", type=str, default=ROOT / "data/synthetic.yaml", help="dataset.yaml path")
-    parser.add_argument("--weights", nargs="+", type=str, default=ROOT / "yolov5s.pt", help="model.pt path(s)")
+    parser.add_argument("--weights", nargs="+", type=str, default=ROOT / "yolov5s.pt", help="*.pt, *.onnx, ... path")
     parser.add_argument("--batch-size", type=int, default=32, help="batch size")
     parser.add_argument("--imgsz", "--img", "--img-size", type=int, default=640, help="inference size (pixels)")
     parser.add_argument("--conf-thres", type=float, default=0.001, help="confidence threshold")

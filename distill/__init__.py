@@ -9,22 +9,29 @@ A small student detector learns to reproduce a frozen teacher's features near ob
               Adapter / FeatureAdapters: the 3x3 conv mapping student channels to teacher channels;
               feature_channels: channel counts of a model's imitated layers.
 - teacher.py  load_teacher: the frozen, eval, outside-the-student teacher with compatibility checks;
-              teacher_features: its features without grad.
+              teacher_features: its features without grad; match_layers: student/teacher layer pairs.
+- distiller.py Distiller: the above as one object beside a plain student (teacher, adapters, layer pairs, settings,
+              the loss inputs, state_dict for --resume); parse_imitation_layers / check_settings for the flags.
 
 Training adds imitation_weight * imitation_loss to the detection loss (utils/loss.py ComputeLoss).
 """
 
+from distill.distiller import Distiller, check_settings, parse_imitation_layers
 from distill.loss import Adapter, FeatureAdapters, feature_channels, imitation_loss
 from distill.mask import REGIONS, imitation_mask
-from distill.teacher import load_teacher, teacher_features
+from distill.teacher import load_teacher, match_layers, teacher_features
 
 __all__ = (
     "REGIONS",
     "Adapter",
+    "Distiller",
     "FeatureAdapters",
+    "check_settings",
     "feature_channels",
     "imitation_loss",
     "imitation_mask",
     "load_teacher",
+    "match_layers",
+    "parse_imitation_layers",
     "teacher_features",
 )

@@ -4,9 +4,11 @@ The teacher stays outside the student: it is loaded on its own, frozen (requires
 statistics never move), fp16 on CUDA, and is never part of the student's EMA, optimizer, DDP wrapper or checkpoint;
 only its path is saved (ckpt['distill']['teacher']).
 
-Imitated layers are chosen by layer index in the model YAML (DetectionModel.imitation_points); the teacher and the
-student must produce them at the same stride so the maps line up cell for cell. The channel counts may differ (a
-wider teacher): FeatureAdapters bridge them. The class count may differ too, since neck features are imitated.
+Imitated layers are chosen by layer index in the model YAML (DetectionModel.imitation_points), the teacher's either
+resolved from the same spec or given on their own (another architecture: --imitation-layers 17,20,23:23,26,29), and
+paired one by one (match_layers): each pair must have the same stride so the maps line up cell for cell, and shared
+explicit indices must name the same kind of layer in both. The channel counts may differ (a wider teacher):
+FeatureAdapters bridge them. The class count may differ too, since neck features are imitated.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ def load_teacher(
     imitation_layers: None | str | list[int] = None,
     half: bool | None = None,
     fuse: bool = True,
+    teacher_layers: None | str | list[int] = None,
 ) -> nn.Module:
     """Load a frozen eval teacher DetectionModel for distilling `student`, checking the two are compatible.
 
@@ -37,6 +40,8 @@ def load_teacher(
             resolved on each model separately.
         half: fp16 teacher; default: on CUDA only.
         fuse: fold BN into the convolutions (faster; the teacher is frozen anyway).
+        teacher_layers: the teacher's own layer indices, paired one by one with the student's (another
+            architecture); None resolves imitation_layers on the teacher too (see match_layers).
 
     Returns:
         The teacher DetectionModel. Its features: teacher_features(teacher, imgs, teacher.imitation_points(layers)).
@@ -50,20 +55,7 @@ def load_teacher(
     student = getattr(student, "module", student)  # DDP -> the model
     teacher = attempt_load(weights, device=device, inplace=True, fuse=False)  # fused after the checks pass
 
-    t_layers, s_layers = teacher.imitation_points(imitation_layers), student.imitation_points(imitation_layers)
-    if len(t_layers) != len(s_layers):
-        raise UserError(
-            f"--ft_weights {weights}: the teacher has {len(t_layers)} imitation points {t_layers} but the student has "
-            f"{len(s_layers)} {s_layers}; pick --imitation-layers that exist in both"
-        )
-    t_strides, s_strides = teacher.get_layer_strides(), student.get_layer_strides()
-    for t, s in zip(t_layers, s_layers):
-        t_stride, s_stride = t_strides[t], s_strides[s]
-        if t_stride != s_stride:
-            raise UserError(
-                f"--ft_weights {weights}: imitated teacher layer {t} has stride {t_stride} but the student's layer {s} "
-                f"has stride {s_stride}; pick --imitation-layers that match"
-            )
+    match_layers(teacher, student, imitation_layers, teacher_layers, weights)
 
     t_nc, s_nc = _num_classes(teacher), _num_classes(student)
     if t_nc != s_nc:
@@ -79,6 +71,62 @@ def load_teacher(
     if device.type == "cuda" if half is None else half:
         teacher.half()
     return teacher
+
+
+def match_layers(
+    teacher: nn.Module,
+    student: nn.Module,
+    imitation_layers: None | str | list[int] = None,
+    teacher_layers: None | str | list[int] = None,
+    weights: str | Path = "teacher",
+) -> tuple[list[int], list[int]]:
+    """Pair the student's imitated layers with the teacher's: ([student layer indices], [teacher layer indices]).
+
+    imitation_layers is resolved on the student (None: its default point, 'detect': its Detect inputs, or indices);
+    teacher_layers on the teacher, by default the same spec. Shared explicit indices must name the same kind of layer
+    in both models (same module type, same inputs), or a teacher of another architecture would imitate an unrelated
+    layer. Each pair must have the same stride (the maps line up cell for cell); channels may differ (adapters).
+
+    Raises:
+        UserError naming the flag and which model (student or teacher) lacks or mismatches a layer.
+    """
+    student = getattr(student, "module", student)  # DDP -> the model
+    s_layers = _resolve(student, imitation_layers, "student")
+    t_layers = _resolve(teacher, imitation_layers if teacher_layers is None else teacher_layers, f"teacher {weights}")
+    if len(t_layers) != len(s_layers):
+        raise UserError(
+            f"--ft_weights {weights}: the teacher has {len(t_layers)} imitation points {t_layers} but the student has "
+            f"{len(s_layers)} {s_layers}; pick --imitation-layers that exist in both"
+        )
+    t_strides, s_strides = teacher.get_layer_strides(), student.get_layer_strides()
+    for t, s in zip(t_layers, s_layers):
+        t_stride, s_stride = t_strides[t], s_strides[s]
+        if t_stride != s_stride:
+            raise UserError(
+                f"--ft_weights {weights}: imitated teacher layer {t} has stride {t_stride} but the student's layer {s} "
+                f"has stride {s_stride}; pick --imitation-layers that match"
+            )
+        if teacher_layers is None and isinstance(imitation_layers, (list, tuple)):
+            t_kind, s_kind = _layer_kind(teacher.model[t]), _layer_kind(student.model[s])
+            if t_kind != s_kind:
+                raise UserError(
+                    f"--imitation-layers {s}: the teacher's layer {t} is {t_kind} but the student's is {s_kind} "
+                    f"(another architecture); give the teacher's indices after a colon, e.g. 17,20,23:23,26,29"
+                )
+    return s_layers, t_layers
+
+
+def _resolve(model: nn.Module, layers: None | str | list[int], who: str) -> list[int]:
+    """model.imitation_points(layers), its error prefixed with whose layers they are."""
+    try:
+        return model.imitation_points(layers)
+    except UserError as e:
+        raise UserError(f"--imitation-layers: the {who} has no such layer: {e}") from None
+
+
+def _layer_kind(m: nn.Module) -> str:
+    """A layer's module type and inputs, e.g. 'a C3 of layer -1'."""
+    return f"a {type(m).__name__} of layer {m.f}"
 
 
 def _num_classes(model: nn.Module) -> int | None:

@@ -12,6 +12,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import distill.distiller  # noqa: E402
 import train  # noqa: E402
 
 out = Path(sys.argv[1])
@@ -19,13 +20,13 @@ sys.argv = [sys.argv[0], *sys.argv[2:]]
 created = []
 
 
-class RecordingAdapters(train.FeatureAdapters):
+class RecordingAdapters(distill.distiller.FeatureAdapters):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         created.append(self)
 
 
-train.FeatureAdapters = RecordingAdapters
+distill.distiller.FeatureAdapters = RecordingAdapters
 train.main(train.parse_opt())
 rank = int(os.environ["RANK"])
 torch.save({k: v.detach().cpu() for k, v in created[0].state_dict().items()}, out / f"adapters_rank{rank}.pt")

@@ -55,7 +55,7 @@ def broken_dataset(tmp_path):
     add("not_a_number", "0 0.5 abc 0.2 0.2\n", "corrupt")
     add("out_of_range", "0 0.5 0.5 1.2 0.2\n", "corrupt")
     add("negative", "0 -0.5 0.5 0.2 0.2\n", "corrupt")
-    add("class_too_big", "3 0.5 0.5 0.2 0.2\n", "corrupt")  # nc = 3
+    add("class_too_big", "3 0.5 0.5 0.2 0.2\n", "ok")  # nc = 3: kept (not corrupt), the dataset then stops
     (im_dir / "garbage.jpg").write_bytes(b"this is not an image at all" * 20)
     write_label(tmp_path, "garbage", GOOD)
     cases["garbage"] = "corrupt"
@@ -94,6 +94,8 @@ def test_verify_image_label_each_kind(broken_dataset):
         else:
             assert f == im_file and lb.shape[1] == 5 and shape == (64, 48)
     *_, msg = verify_image_label((str(im_dir / "duplicates.jpg"), str(im_dir.parent / "labels/duplicates.txt"), ""))
+    too_big = (str(im_dir / "class_too_big.jpg"), str(im_dir.parent / "labels/class_too_big.txt"), "", 3)
+    assert "class id 3 >= nc=3" in verify_image_label(too_big)[-1]
     assert "1 duplicate labels removed" in msg
     # without nc, a large class id is fine
     assert verify_image_label((str(im_dir / "class_too_big.jpg"), str(im_dir.parent / "labels/class_too_big.txt"), ""))[
@@ -103,7 +105,9 @@ def test_verify_image_label_each_kind(broken_dataset):
 
 def test_dataset_counts_and_good_images_load(broken_dataset):
     im_dir, cases = broken_dataset
-    ds = LoadImagesAndLabels(im_dir, img_size=64, batch_size=4, nc=3)
+    with pytest.raises(UserError, match=r"class_too_big\.txt: class 3 exceeds nc=3"):
+        LoadImagesAndLabels(im_dir, img_size=64, batch_size=4, nc=3)
+    ds = LoadImagesAndLabels(im_dir, img_size=64, batch_size=4, nc=4)
     n_corrupt = sum(v == "corrupt" for v in cases.values())
     bad_images = 3  # garbage, truncated, tiny: their label files are never read
     # as in YOLOv5, "found" counts label files read, including the corrupt ones
@@ -155,8 +159,9 @@ def test_label_cache_reused_and_invalidated(tmp_path):
     mtime = cache.stat().st_mtime_ns
     LoadImagesAndLabels(tmp_path / "images", img_size=64)
     assert cache.stat().st_mtime_ns == mtime  # reused
-    ds = LoadImagesAndLabels(tmp_path / "images", img_size=64, nc=2)  # nc changed: rebuilt, class 2 >= nc
-    assert ds.counts["corrupt"] == 1 and load_label_cache(cache)["nc"] == 2
+    with pytest.raises(UserError, match="class 2 exceeds nc=2"):  # nc changed: rebuilt, class 2 >= nc stops
+        LoadImagesAndLabels(tmp_path / "images", img_size=64, nc=2)
+    assert load_label_cache(cache)["nc"] == 2
     write_label(tmp_path, "0", "0 0.5 0.5 0.2 0.2\n0 0.1 0.1 0.1 0.1\n")  # edited label: new hash
     ds = LoadImagesAndLabels(tmp_path / "images", img_size=64)
     assert sorted(len(x) for x in ds.labels) == [1, 1, 2]

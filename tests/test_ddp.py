@@ -32,7 +32,7 @@ def test_ddp_gloo_two_ranks_with_distillation(tmp_path, tiny_data):
         "--master_port", str(_free_port()), str(ROOT / "tests/ddp_worker.py"), str(tmp_path),
         "--cfg", "yolov5n.yaml", "--data", str(tiny_data), "--epochs", "1", "--imgsz", "96", "--batch-size", "8",
         "--device", "cpu", "--workers", "0", "--noplots", "--ft_weights", str(tmp_path / "t.pt"),
-        "--project", str(tmp_path), "--name", "ddp", "--exist-ok",
+        "--project", str(tmp_path), "--name", "ddp", "--exist-ok", "--save-period", "1",
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -41,7 +41,8 @@ def test_ddp_gloo_two_ranks_with_distillation(tmp_path, tiny_data):
     assert a0.keys() == a1.keys()
     for k in a0:
         assert torch.equal(a0[k], a1[k]), f"adapter {k} differs across ranks"
-    ckpt = load_checkpoint(tmp_path / "ddp/weights/last.pt")  # written by rank 0
+    ckpt = load_checkpoint(tmp_path / "ddp/weights/epoch0.pt")  # written by rank 0, not stripped (unlike last.pt)
     for k in a0:
         assert torch.equal(ckpt["distill"]["adapters"][k].float(), a0[k].float())
     assert type(ckpt["model"]) is DetectionModel
+    assert "distill" not in load_checkpoint(tmp_path / "ddp/weights/last.pt")  # finished: a plain YOLOv5 checkpoint

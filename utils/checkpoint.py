@@ -15,13 +15,15 @@ import os
 import pathlib
 import pickle
 import zipfile
+from copy import deepcopy
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from utils.general import LOGGER, UserError
+from utils.general import LOGGER, UserError, check_file, check_yaml, intersect_dicts
 
 # torch.nn layers that YOLOv5 models (and their older versions) are built from
 _TORCH_MODULES = (
@@ -146,6 +148,49 @@ def attempt_load(weights: str | Path | list, device=None, inplace: bool = True, 
     return model
 
 
+def load_student(
+    weights: str | Path, cfg: str | Path, nc: int, anchors, resume: bool, device: torch.device
+) -> tuple[nn.Module, dict | None]:
+    """train.py's student: (DetectionModel on device, its checkpoint or None).
+
+    weights (a .pt): its weights transferred into a fresh model built from cfg or the checkpoint's own YAML (nc may
+    differ; anchors are re-fitted unless resuming); a resume takes the raw 'model', whose weights the saved optimizer
+    state belongs to, a fine-tune the 'ema'. No weights: a model from the cfg YAML, from scratch.
+    """
+    from models.yolo import DetectionModel
+
+    if not str(weights).endswith(".pt"):
+        return DetectionModel(check_yaml(cfg, "--cfg"), ch=3, nc=nc, anchors=anchors).to(device), None
+    ckpt = load_checkpoint(check_file(weights, "--weights"))
+    src = ckpt["model"] if resume else ckpt.get("ema") or ckpt["model"]
+    model = DetectionModel(cfg or src.yaml, ch=3, nc=nc, anchors=anchors).to(device)
+    exclude = ["anchor"] if (cfg or anchors) and not resume else []
+    csd = intersect_dicts(src.float().state_dict(), model.state_dict(), exclude=exclude)
+    model.load_state_dict(csd, strict=False)
+    LOGGER.info(f"Transferred {len(csd)}/{len(model.state_dict())} items from {weights}")
+    return model, ckpt
+
+
+def training_checkpoint(
+    epoch: int, best_fitness: float, model: nn.Module, ema, optimizer, opt: argparse.Namespace, distill: dict | None
+) -> dict:
+    """A training run's checkpoint, in YOLOv5 v7.0's layout: fp16 copies of the raw model (the optimizer's weights,
+    resumed from) and the EMA (validated, kept after training), the optimizer state, the options, plus 'distill'
+    (adapters and imitation settings of an FGFI run, None without a teacher)."""
+    return {
+        "epoch": epoch,
+        "best_fitness": best_fitness,
+        "model": deepcopy(getattr(model, "module", model)).half(),  # DDP -> the model
+        "ema": deepcopy(ema.ema).half(),
+        "updates": ema.updates,
+        "optimizer": optimizer.state_dict(),
+        "opt": {k: str(v) if isinstance(v, Path) else v for k, v in vars(opt).items()},
+        "git": None,
+        "date": datetime.now().isoformat(),
+        "distill": distill,
+    }
+
+
 def save_checkpoint(ckpt: dict, path: str | Path) -> None:
     """torch.save atomically: write a temporary file in the same folder, then os.replace it into place."""
     path = Path(path)
@@ -160,13 +205,42 @@ def save_checkpoint(ckpt: dict, path: str | Path) -> None:
     LOGGER.debug(f"saved {path}")
 
 
+def remove_stale_tmp(folder: str | Path) -> list[Path]:
+    """Delete the temporary files save_checkpoint leaves when its process is killed mid-write (its pid is gone)."""
+    removed = []
+    for tmp in Path(folder).glob(".*.*.tmp"):
+        pid = tmp.name.rsplit(".", 2)[-2]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+                removed.append(tmp)
+    if removed:
+        LOGGER.info(f"Removed {len(removed)} unfinished checkpoint file(s) of killed runs from {folder}")
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
 def strip_optimizer(f: str | Path) -> None:
-    """Make a finished checkpoint small: EMA becomes the model, optimizer dropped, epoch -1 (as YOLOv5)."""
+    """Make a finished checkpoint small: EMA becomes the model, optimizer dropped, epoch -1 (as YOLOv5).
+
+    The distillation state (adapters, imitation settings) only serves --resume and is dropped too: what is left is a
+    plain YOLOv5 checkpoint of about the size of a run without a teacher.
+    """
     x = load_checkpoint(f)
     if x.get("ema") is not None:
         x["model"] = x["ema"]
     for k in "optimizer", "best_fitness", "ema", "updates":
         x[k] = None
+    x.pop("distill", None)
     x["epoch"] = -1
     x["model"].half()
     for p in x["model"].parameters():

@@ -160,6 +160,12 @@ class LoadImagesAndLabels(Dataset):
         self.shapes = np.array(shapes, dtype=np.float64)
         self.im_files = list(cache.keys())
         self.label_files = img2label_paths(self.im_files)
+        for lb, lb_file in zip(self.labels, self.label_files) if nc is not None and not single_cls else ():
+            if len(lb) and lb[:, 0].max() >= nc:  # as YOLOv5's train.py: stop, rather than drop the images
+                raise UserError(
+                    f"{prefix}{lb_file}: class {int(lb[:, 0].max())} exceeds nc={nc} of the data YAML (ids 0..{nc - 1}):"
+                    " give the YAML a name for every class, or fix the label"
+                )
 
         if min_items:
             include = [i for i, x in enumerate(self.labels) if len(x) >= min_items]

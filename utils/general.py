@@ -145,7 +145,14 @@ def check_dataset(data: str | Path | dict, autodownload: bool = True) -> dict:
     """
     if isinstance(data, (str, Path)):
         data_file = check_yaml(data, "--data")
-        data = yaml_load(data_file)
+        try:
+            data = yaml_load(data_file)
+        except yaml.YAMLError as e:
+            raise UserError(f"--data {data_file}: not valid YAML ({' '.join(str(e).split())[:160]})") from None
+        if not isinstance(data, dict):
+            raise UserError(
+                f"--data {data_file}: expected a mapping with train:, val: and names:, got a {type(data).__name__}"
+            )
         data["yaml_file"] = str(data_file)
     for k in ("train", "val", "names"):
         if k not in data:

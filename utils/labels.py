@@ -100,7 +100,9 @@ def verify_image_label(args: tuple) -> list:
     """Check one (image, label file, prefix[, nc]) pair; run in a process pool when the label cache is built.
 
     Returns [im_file, labels [n, 5], (w, h), segments, missing, found, empty, corrupt, message]; im_file and
-    labels are None for a corrupt image or label file, which is then left out of the dataset.
+    labels are None for a corrupt image or label file, which is then left out of the dataset. A class id >= nc is
+    not corruption (the file is fine, the data YAML has too few names): the labels are kept, with a warning, and
+    LoadImagesAndLabels stops on them.
     """
     im_file, lb_file, prefix, *rest = args
     nc = rest[0] if rest else None
@@ -130,9 +132,11 @@ def verify_image_label(args: tuple) -> list:
         if os.path.isfile(lb_file):
             nf = 1
             try:
-                lb, segments = _parse_labels(lb_file, nc)
+                lb, segments = _parse_labels(lb_file, None)
             except (ValueError, OSError, UnicodeDecodeError) as e:
                 raise ValueError(f"bad label file {lb_file}: {e}") from None
+            if nc is not None and len(lb) and lb[:, 0].max() >= nc:  # not corrupt: the data YAML lacks names
+                msg = f"{prefix}WARNING ⚠️ {im_file}: class id {int(lb[:, 0].max())} >= nc={nc} in {lb_file}"
             n = len(lb)
             if n:
                 _, i = np.unique(lb, axis=0, return_index=True)

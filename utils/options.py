@@ -1,0 +1,65 @@
+"""train.py's option handling beyond argparse: range checks, and the option merge of --resume."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from distill import Distiller, check_settings, parse_imitation_layers
+from utils.checkpoint import load_checkpoint, remove_stale_tmp
+from utils.general import ROOT, UserError, check_file, yaml_load
+
+RESUME_OVERRIDES = ("ft_weights", "device", "workers")  # flags a --resume may change; the rest are the run's
+
+
+def check_train_options(opt: argparse.Namespace) -> None:
+    """Flags out of range: one line naming the flag and what it allows, before any data or model is loaded."""
+    if opt.epochs < 1:
+        raise UserError(f"--epochs {opt.epochs}: train for at least 1 epoch")
+    if opt.batch_size < 1:
+        auto = " (-1, YOLOv5's AutoBatch, is not supported: pick the size yourself)" if opt.batch_size == -1 else ""
+        raise UserError(f"--batch-size {opt.batch_size}: must be >= 1{auto}")
+    if opt.imgsz < 1:
+        raise UserError(f"--imgsz {opt.imgsz}: must be >= 1 pixel (rounded up to a multiple of the model stride)")
+    opt.imitation_region = getattr(opt, "imitation_region", "fgfi")  # opt.yaml of runs older than the flag
+    opt.adapter_kernel = int(getattr(opt, "adapter_kernel", 3))
+    parse_imitation_layers(getattr(opt, "imitation_layers", None))
+    if opt.ft_weights:
+        check_settings(opt.iou_factor, opt.imitation_region, opt.imitation_weight, opt.adapter_kernel)
+
+
+def resume_options(opt: argparse.Namespace, defaults: argparse.Namespace) -> argparse.Namespace:
+    """--resume: the run's own options, except the RESUME_OVERRIDES given on this command line.
+
+    The run's options come from its opt.yaml (or the checkpoint's 'opt'), the imitation settings from the checkpoint's
+    'distill' state (their one source, as trained); an override is an option that differs from `defaults`
+    (train.parse_opt's), e.g. --ft_weights new/place.pt for a teacher that moved.
+    """
+    last = Path(opt.resume if isinstance(opt.resume, str) else get_latest_run())
+    if not last.is_file():
+        raise UserError(f"--resume {last}: checkpoint not found; pass the run's weights/last.pt")
+    remove_stale_tmp(last.parent)  # what a kill during a checkpoint write left behind
+    ckpt, opt_yaml = load_checkpoint(last), last.parent.parent / "opt.yaml"
+    saved, source = (yaml_load(opt_yaml), opt_yaml) if opt_yaml.is_file() else (ckpt["opt"] or {}, last)
+    given = {k: getattr(opt, k) for k in RESUME_OVERRIDES if getattr(opt, k) != getattr(defaults, k)}
+    if ckpt.get("distill"):
+        saved, source = {**saved, **Distiller.options_from_state(ckpt["distill"])}, last
+    resumed = argparse.Namespace(**{**vars(defaults), **saved, **given})
+    if "ft_weights" in given:
+        resumed.ft_weights = str(Path(check_file(resumed.ft_weights, "--ft_weights")).resolve())
+    elif resumed.ft_weights and not Path(resumed.ft_weights).is_file():
+        raise UserError(
+            f"--resume {last}: the teacher {resumed.ft_weights} (from {source}) is not found; "
+            "pass --ft_weights with its new path"
+        )
+    resumed.cfg, resumed.weights, resumed.resume, resumed.save_dir = "", str(last), True, str(last.parent.parent)
+    return resumed
+
+
+def get_latest_run(search_dir: str | Path = ROOT / "runs") -> str:
+    """The most recent last*.pt under search_dir (bare --resume)."""
+    runs = sorted(Path(search_dir).glob("**/last*.pt"), key=os.path.getctime)
+    if not runs:
+        raise UserError(f"--resume: no last.pt found under {search_dir}; pass the checkpoint path")
+    return str(runs[-1])
