@@ -66,14 +66,14 @@ def test_ablation_trains_every_region_level_psi_and_weight(tmp_path, tiny_data):
     assert list(df["arm"]) == ["teacher", *experiment.ARMS]
     assert len(pd.read_csv(stale, skipinitialspace=True)) == 1  # replaced, not appended to
     expected = {
-        "fgfi": ("fgfi", None, 0.5, 0.01),
-        "gtbox": ("gtbox", None, 0.5, 0.01),
-        "full": ("full", None, 0.5, 0.01),
+        "fgfi": ("fgfi", "default", 0.5, 0.01),
+        "gtbox": ("gtbox", "default", 0.5, 0.01),
+        "full": ("full", "default", 0.5, 0.01),
         "fgfi-3levels": ("fgfi", "detect", 0.5, 0.01),
-        "fgfi-psi0.3": ("fgfi", None, 0.3, 0.01),
-        "fgfi-psi0.7": ("fgfi", None, 0.7, 0.01),
-        "fgfi-w0.003": ("fgfi", None, 0.5, 0.003),
-        "fgfi-w0.03": ("fgfi", None, 0.5, 0.03),
+        "fgfi-psi0.3": ("fgfi", "default", 0.3, 0.01),
+        "fgfi-psi0.7": ("fgfi", "default", 0.7, 0.01),
+        "fgfi-w0.003": ("fgfi", "default", 0.5, 0.003),
+        "fgfi-w0.03": ("fgfi", "default", 0.5, 0.03),
     }
     for arm, (region, layers, psi, weight) in expected.items():
         opt = yaml.safe_load((tmp_path / f"{arm}-seed0/opt.yaml").read_text())
