@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -33,3 +34,22 @@ def tiny_data(tmp_path_factory) -> Path:
     file = root / "tiny.yaml"
     file.write_text(yaml.safe_dump(data, sort_keys=False))
     return file
+
+
+@pytest.fixture
+def log_lines():
+    """Messages utils.general.LOGGER emits during the test."""
+    from utils.general import LOGGER
+
+    class ListHandler(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.lines = []
+
+        def emit(self, record):
+            self.lines.append(record.getMessage())
+
+    handler = ListHandler()
+    LOGGER.addHandler(handler)
+    yield handler.lines
+    LOGGER.removeHandler(handler)

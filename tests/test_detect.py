@@ -6,7 +6,6 @@ exactly; one test runs a real tiny checkpoint end to end.
 
 from __future__ import annotations
 
-import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ import pytest
 import torch
 
 import detect
-from utils.general import LOGGER, UserError
+from utils.general import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 H, W = 96, 128  # test images: letterboxed at imgsz=128 they need neither resizing nor padding
@@ -58,24 +57,6 @@ def fake_model(monkeypatch):
     model = FakeModel()
     monkeypatch.setattr(detect, "_load_model", lambda weights, device, data: (model, NAMES))
     return model
-
-
-@pytest.fixture
-def log_lines():
-    """Messages LOGGER emits during the test."""
-
-    class ListHandler(logging.Handler):
-        def __init__(self):
-            super().__init__()
-            self.lines = []
-
-        def emit(self, record):
-            self.lines.append(record.getMessage())
-
-    handler = ListHandler()
-    LOGGER.addHandler(handler)
-    yield handler.lines
-    LOGGER.removeHandler(handler)
 
 
 def make_images(folder: Path, n: int = 3, ext: str = "jpg") -> list[Path]:

@@ -7,7 +7,6 @@ something. Every expected value comes from the PyTorch model itself, run indepen
 
 from __future__ import annotations
 
-import logging
 import os
 import subprocess
 import sys
@@ -24,7 +23,7 @@ import export
 import val
 from models.backend import DetectMultiBackend
 from utils.checkpoint import attempt_load, load_checkpoint, save_checkpoint
-from utils.general import LOGGER, UserError
+from utils.general import UserError
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -149,22 +148,6 @@ def assert_same_output(y: torch.Tensor, expected: torch.Tensor) -> None:
     assert y.shape == expected.shape and y.dtype == expected.dtype
     assert (y[..., 4:] - expected[..., 4:]).abs().max() < 1e-4
     assert ((y[..., :4] - expected[..., :4]).abs() - 1e-5 * expected[..., :4].abs()).max() < 1e-4
-
-
-@pytest.fixture
-def log_lines():
-    class ListHandler(logging.Handler):
-        def __init__(self):
-            super().__init__()
-            self.lines = []
-
-        def emit(self, record):
-            self.lines.append(record.getMessage())
-
-    handler = ListHandler()
-    LOGGER.addHandler(handler)
-    yield handler.lines
-    LOGGER.removeHandler(handler)
 
 
 @pytest.fixture(scope="module")
