@@ -109,9 +109,9 @@ def run_experiment(
     elif not Path(teacher).is_file():
         hint = "run `python experiment.py --train-teacher`" if Path(teacher) == TEACHER else "check the path"
         raise UserError(f"--teacher {teacher}: file not found; {hint}")
-    check_dataset(cfg["data"])  # generate the built-in dataset before its fingerprint is read
+    data_dict = check_dataset(cfg["data"])  # generates the built-in dataset before its fingerprint is read
     if Path(teacher).resolve() == TEACHER.resolve():
-        check_teacher_fingerprint(cfg["data"])
+        check_teacher_fingerprint(cfg["data"], data_dict["path"])
 
     rows, curves = [_validate("teacher", None, teacher, cfg, project)], {}
     teacher_sha = _sha256(teacher)
@@ -273,14 +273,15 @@ def plot_ablation(summary: pd.DataFrame, file: Path) -> None:
     plt.close(fig)
 
 
-def check_teacher_fingerprint(data: str) -> None:
-    """Refuse the shipped teacher when the built-in dataset on disk is not the one it was trained on."""
+def check_teacher_fingerprint(data: str, root: str | Path) -> None:
+    """Refuse the shipped teacher when the built-in dataset at root (check_dataset(data)["path"]) is not the one
+    it was trained on."""
     from data.synthetic import dataset_fingerprint
 
     if Path(check_yaml(data, "--data")).resolve() != Path(check_yaml(BUILTIN_DATA, "--data")).resolve():
         return  # another dataset: the user chose the teacher for it
     expected = json.loads(TEACHER_CARD.read_text())["dataset"]
-    found = dataset_fingerprint(check_dataset(data)["path"], expected["generator"]["seed"])
+    found = dataset_fingerprint(root, expected["generator"]["seed"])
     if found != expected:
         raise UserError(
             f"{TEACHER} was trained on another version of the built-in dataset (fingerprint in {TEACHER_CARD}): "
