@@ -119,7 +119,7 @@ def train(hyp: dict | str, opt: argparse.Namespace, device: torch.device) -> tup
     if opt.ft_weights:
         distiller = Distiller(
             model, opt.ft_weights, device, *parse_imitation_layers(opt.imitation_layers), opt.iou_factor,
-            opt.imitation_region, opt.imitation_weight, opt.adapter_kernel,
+            opt.imitation_region, opt.imitation_weight, opt.adapter_kernel, opt.channels_last,
         )  # fmt: skip
         if ckpt is not None and resume and ckpt.get("distill"):
             distiller.load_state_dict(ckpt["distill"])

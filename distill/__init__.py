@@ -6,7 +6,8 @@ A small student detector learns to reproduce a frozen teacher's features near ob
               (IoU > iou_factor * that box's best anchor IoU), as a [B, H, W] 0/1 map; or a baseline region
               (region="gtbox": cell centres inside a box, "full": the whole map).
 - loss.py     imitation_loss: masked L2 between adapt(student feature) and teacher feature / (2 * masked cells);
-              Adapter / FeatureAdapters: the 3x3 conv mapping student channels to teacher channels;
+              Adapter / FeatureAdapters: the 3x3 conv mapping student channels to teacher channels, run on the
+              masked cells alone below SPARSE_MAX_SHARE of them (masked_cells, gather_cells, sparse_conv);
               feature_channels: channel counts of a model's imitated layers.
 - teacher.py  load_teacher: the frozen, eval, outside-the-student teacher with compatibility checks;
               teacher_features: its features without grad; match_layers: student/teacher layer pairs.

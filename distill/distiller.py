@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from distill.loss import FeatureAdapters, feature_channels
+from distill.loss import SPARSE_MAX_SHARE, FeatureAdapters, feature_channels, gather_cells, masked_cells
 from distill.mask import REGIONS
 from distill.teacher import load_teacher, match_layers, teacher_features
 from utils.general import LOGGER, UserError, check_file, colorstr
@@ -88,6 +88,9 @@ class Distiller:
             (None: the same spec resolved on the teacher).
         iou_factor: FGFI's psi in [0, 1); imitation_region: 'fgfi', 'gtbox' or 'full'.
         imitation_weight: gain of the imitation loss (>= 0); adapter_kernel: odd adapter conv size.
+        channels_last: teacher and adapters in channels_last memory format (--channels-last; the student is too).
+        sparse_max_share: run the adapters on the masked cells alone when a level's masked share is below this
+            (distill.loss.SPARSE_MAX_SHARE, measured), the dense conv otherwise; 0 always dense, > 1 always sparse.
     """
 
     def __init__(
@@ -101,6 +104,8 @@ class Distiller:
         imitation_region: str = "fgfi",
         imitation_weight: float = 0.01,
         adapter_kernel: int = 3,
+        channels_last: bool = False,
+        sparse_max_share: float = SPARSE_MAX_SHARE,
     ):
         check_settings(iou_factor, imitation_region, imitation_weight, adapter_kernel)
         self.iou_factor, self.imitation_region = float(iou_factor), str(imitation_region)
@@ -116,6 +121,10 @@ class Distiller:
         s_channels = feature_channels(student, self.student_layers, 2 * self.stride)
         t_channels = feature_channels(self.teacher, self.teacher_layers, 2 * self.stride)
         self.adapters = FeatureAdapters(s_channels, t_channels, self.adapter_kernel).to(device)
+        if channels_last:
+            self.teacher.to(memory_format=torch.channels_last)
+            self.adapters.to(memory_format=torch.channels_last)
+        self.sparse_max_share = float(sparse_max_share)
         pairs = ", ".join(
             f"{s} ({cs} ch) -> {t} ({ct} ch)"
             for s, t, cs, ct in zip(self.student_layers, self.teacher_layers, s_channels, t_channels)
@@ -128,16 +137,21 @@ class Distiller:
     def __call__(self, student: nn.Module, imgs: torch.Tensor, targets: torch.Tensor) -> tuple[list, dict]:
         """Student forward with imitation: (preds, {'student', 'teacher', 'mask'}: lists, one entry per pair).
 
-        imgs: [B, 3, H, W] in 0..1; targets: [n, 6] (image, class, x, y, w, h), xywh normalized. The dict holds the
-        adapted student features [B, C_t, h, w], the teacher's [B, C_t, h, w] (no grad) and the masks [B, 1, h, w],
-        as ComputeLoss takes them (loss(preds, targets, **imitation)).
+        imgs: [B, 3, H, W] in 0..1; targets: [n, 6] (image, class, x, y, w, h), xywh normalized. The dict holds, per
+        pair, the adapted student feature and the teacher's (no grad), either as maps [B, C_t, h, w] (dense path) or
+        at the N masked cells only, [N, C_t] each (sparse path, where the masked share is below sparse_max_share),
+        and the mask [B, 1, h, w]; as ComputeLoss takes them (loss(preds, targets, **imitation)).
         """
+        # Teacher first: its intermediate maps are freed before the student's forward keeps its own for backward,
+        # which lowers peak memory and on CPU made the step ~20% faster than the other order (fresh pages, not reused).
+        teacher = teacher_features(self.teacher, imgs, self.teacher_layers)
         preds, features, masks = student(
             imgs, target=targets, imitation_layers=self.student_layers, iou_factor=self.iou_factor,
             region=self.imitation_region,
         )  # fmt: skip
-        teacher = teacher_features(self.teacher, imgs, self.teacher_layers)
-        return preds, {"student": self.adapters(features), "teacher": teacher, "mask": masks}
+        cells = masked_cells(masks, self.sparse_max_share)  # after both forwards are queued: the step's one sync
+        teacher = [t if c is None else gather_cells(t, c) for t, c in zip(teacher, cells)]
+        return preds, {"student": self.adapters(features, cells), "teacher": teacher, "mask": masks}
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """Optimizer groups for the adapters, as YOLOv5 groups the student's: weights decayed, biases not."""

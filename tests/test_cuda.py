@@ -1,12 +1,15 @@
-"""CUDA-only checks of the distillation step: AMP student, fp16 teacher, mask built on the GPU from GPU targets."""
+"""CUDA-only checks of the distillation step: AMP student, fp16 (channels_last) teacher, mask built on the GPU from GPU
+targets, the sparse adapter path equal to the dense one on the GPU."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from distill import FeatureAdapters, feature_channels, imitation_mask, teacher_features
+from distill import Distiller, FeatureAdapters, feature_channels, imitation_loss, imitation_mask, teacher_features
+from distill.loss import SPARSE_MAX_SHARE, Adapter, gather_cells, masked_cells
 from models.yolo import DetectionModel
+from utils.checkpoint import save_checkpoint
 from utils.general import yaml_load
 from utils.loss import ComputeLoss
 
@@ -59,3 +62,66 @@ def test_mask_on_gpu_equals_cpu():
     gpu = imitation_mask(targets.cuda(), anchors.cuda(), (3, 16, 20))
     assert gpu.device.type == "cuda"
     torch.testing.assert_close(gpu.cpu(), cpu)
+
+
+def test_sparse_equals_dense_on_cuda():
+    """The sparse adapter + loss on the GPU: the dense path's value and gradients, and the CPU's."""
+    device = torch.device("cuda", 0)
+    torch.manual_seed(0)
+    adapter = Adapter(8, 12, 3).to(device)
+    x, t = torch.randn(3, 8, 10, 14, device=device), torch.randn(3, 12, 10, 14, device=device)
+    mask = (torch.rand(3, 1, 10, 14, device=device) < 0.3).float()
+    mask[0, 0, 0, 0] = mask[2, 0, -1, -1] = 1  # corners: zero padding
+    results = []
+    for sparse in (False, True):
+        adapter.zero_grad(set_to_none=True)
+        leaf = x.clone().requires_grad_(True)
+        if sparse:
+            (cells,) = masked_cells([mask], float("inf"))
+            loss = imitation_loss(adapter(leaf, cells), gather_cells(t, cells))
+        else:
+            loss = imitation_loss(adapter(leaf), t, mask)
+        loss.backward()
+        results.append([loss, leaf.grad, adapter.conv.weight.grad, adapter.conv.bias.grad])
+    for d, s in zip(*results):
+        torch.testing.assert_close(s, d, rtol=1e-4, atol=1e-5)
+    (cpu_cells,) = masked_cells([mask.cpu()], float("inf"))
+    assert cells.device.type == "cuda" and cells.cpu().tolist() == cpu_cells.tolist()
+
+
+def test_distiller_amp_step_on_cuda_sparse_by_default(tmp_path):
+    """Distiller on CUDA with AMP and channels_last: fp16 channels_last teacher, sparse path by default, finite loss,
+    gradients to the student and adapters only, and the dense path's loss items."""
+    device = torch.device("cuda", 0)
+    torch.manual_seed(0)
+    teacher = DetectionModel("yolov5s.yaml", nc=3)
+    teacher.names = {i: str(i) for i in range(3)}
+    file = tmp_path / "teacher.pt"
+    save_checkpoint({"epoch": -1, "model": teacher.half(), "ema": None, "optimizer": None, "opt": {}}, file)
+    student = DetectionModel("yolov5n.yaml", nc=3).to(device).train().to(memory_format=torch.channels_last)
+    distiller = Distiller(student, file, device, channels_last=True)
+    param = next(distiller.teacher.parameters())
+    assert param.dtype == torch.float16 and not param.requires_grad
+    assert any(
+        p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) for p in distiller.teacher.parameters()
+    )
+    compute_loss = ComputeLoss(student, yaml_load(ROOT_HYP), imitation_weight=distiller.imitation_weight)
+    imgs = torch.rand(4, 3, 128, 160, device=device).contiguous(memory_format=torch.channels_last)
+    targets = _targets(device)
+    items_by_path = []
+    for max_share in (SPARSE_MAX_SHARE, 0.0):
+        distiller.sparse_max_share = max_share
+        student.zero_grad(set_to_none=True)
+        distiller.adapters.zero_grad(set_to_none=True)
+        with torch.autocast("cuda"):
+            pred, imitation = distiller(student, imgs, targets)
+            loss, items = compute_loss(pred, targets, **imitation)
+        assert torch.isfinite(loss)
+        torch.amp.GradScaler("cuda").scale(loss).backward()
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in distiller.parameters())
+        items_by_path.append((imitation["student"][0].dim(), items))
+    (sparse_dim, sparse_items), (dense_dim, dense_items) = items_by_path
+    assert sparse_dim == 2 and dense_dim == 4
+    for k in dense_items:  # fp16 autocast: the two paths round differently
+        torch.testing.assert_close(sparse_items[k], dense_items[k], rtol=2e-3, atol=1e-5)
+    assert all(p.grad is None for p in distiller.teacher.parameters())

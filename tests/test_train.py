@@ -9,6 +9,7 @@ import torch
 import distill.distiller
 import train
 import val
+from distill.loss import SPARSE_MAX_SHARE
 from models.yolo import DetectionModel
 from utils.checkpoint import attempt_load, load_checkpoint, save_checkpoint
 from utils.general import UserError
@@ -95,6 +96,15 @@ def test_distillation_end_to_end_and_resume(tmp_path, tiny_data, teacher_pt, mon
         return t
 
     monkeypatch.setattr(distill.distiller, "load_teacher", recording_load_teacher)
+    paths = []  # per training step: (masked share, the sparse_max_share used, sparse path taken) of the level
+    real_masked_cells = distill.distiller.masked_cells
+
+    def recording_masked_cells(masks, max_share):
+        cells = real_masked_cells(masks, max_share)
+        paths.extend((float(m.mean()), max_share, c is not None) for m, c in zip(masks, cells))
+        return cells
+
+    monkeypatch.setattr(distill.distiller, "masked_cells", recording_masked_cells)
     _interrupt_after_first_epoch(monkeypatch)
     kwargs = dict(data=str(tiny_data), cfg="yolov5n.yaml", ft_weights=str(teacher_pt), project=str(tmp_path))
     with pytest.raises(_Interrupt):
@@ -103,6 +113,9 @@ def test_distillation_end_to_end_and_resume(tmp_path, tiny_data, teacher_pt, mon
     ckpt = load_checkpoint(last)
     adapters_epoch0 = ckpt["distill"]["adapters"]
     assert ckpt["distill"]["imitation_layers"] == [16]
+    # training takes the sparse adapter wherever the masked share is below the measured crossover
+    assert paths and all(limit == SPARSE_MAX_SHARE and sparse == (share < limit) for share, limit, sparse in paths)
+    assert any(sparse for *_, sparse in paths), paths
     # teacher 2x wider than the student: the adapter maps 128 -> 256 channels at layer 16 of yolov5n/s
     weight = next(v for k, v in adapters_epoch0.items() if k.endswith("weight") and v.dim() == 4)
     assert weight.shape[:2] == (256, 128) and weight.shape[2:] == (3, 3)

@@ -111,9 +111,11 @@ class ComputeLoss:
         Args:
             p: per level [B, na, H, W, 5 + nc] raw outputs (xy, wh, obj, classes; logits).
             targets: [n, 6] (image index, class, x, y, w, h), xywh normalized to the image, on self.device.
-            teacher, student: imitated features [B, C, H, W] (student already through its adapter), or equal-length
-                lists of them, one per imitation point; ignored when imitation_weight is None.
-            mask: imitation mask [B, 1, H, W] (0/1) matching each feature, or a list; None imitates every location.
+            teacher, student: imitated features [B, C, H, W] (student already through its adapter), or [N, C] at the
+                N masked cells only (the sparse path, Distiller), or equal-length lists of them, one per imitation
+                point; ignored when imitation_weight is None.
+            mask: imitation mask [B, 1, H, W] (0/1) matching each feature, or a list; None imitates every location;
+                not read for [N, C] features.
 
         Returns:
             loss: 0-dim, (box + obj + cls [+ imitation]) * B, each term already weighted by its gain.
