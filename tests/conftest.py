@@ -36,6 +36,27 @@ def tiny_data(tmp_path_factory) -> Path:
     return file
 
 
+def save_random_model(cfg: str, file: Path, nc: int = 8) -> Path:
+    """A random-weight model (seed 0) saved as a fp16 checkpoint in YOLOv5's layout, as --ft_weights loads one."""
+    import torch
+
+    from models.yolo import DetectionModel
+    from utils.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    model = DetectionModel(f"{cfg}.yaml", nc=nc)
+    model.names = {i: str(i) for i in range(nc)}
+    file.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint({"epoch": -1, "model": model.half(), "ema": None, "optimizer": None, "opt": {}}, file)
+    return file
+
+
+@pytest.fixture(scope="session")
+def teacher_pt(tmp_path_factory) -> Path:
+    """A random yolov5s teacher (8 classes), twice as wide as yolov5n, saved in YOLOv5's checkpoint layout."""
+    return save_random_model("yolov5s", tmp_path_factory.mktemp("teacher") / "teacher.pt")
+
+
 @pytest.fixture
 def log_lines():
     """Messages utils.general.LOGGER emits during the test."""

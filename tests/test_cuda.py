@@ -9,7 +9,6 @@ import torch
 from distill import Distiller, FeatureAdapters, feature_channels, imitation_loss, imitation_mask, teacher_features
 from distill.loss import SPARSE_MAX_SHARE, Adapter, gather_cells, masked_cells
 from models.yolo import DetectionModel
-from utils.checkpoint import save_checkpoint
 from utils.general import yaml_load
 from utils.loss import ComputeLoss
 
@@ -89,17 +88,13 @@ def test_sparse_equals_dense_on_cuda():
     assert cells.device.type == "cuda" and cells.cpu().tolist() == cpu_cells.tolist()
 
 
-def test_distiller_amp_step_on_cuda_sparse_by_default(tmp_path):
+def test_distiller_amp_step_on_cuda_sparse_by_default(teacher_pt):
     """Distiller on CUDA with AMP and channels_last: fp16 channels_last teacher, sparse path by default, finite loss,
     gradients to the student and adapters only, and the dense path's loss items."""
     device = torch.device("cuda", 0)
     torch.manual_seed(0)
-    teacher = DetectionModel("yolov5s.yaml", nc=3)
-    teacher.names = {i: str(i) for i in range(3)}
-    file = tmp_path / "teacher.pt"
-    save_checkpoint({"epoch": -1, "model": teacher.half(), "ema": None, "optimizer": None, "opt": {}}, file)
-    student = DetectionModel("yolov5n.yaml", nc=3).to(device).train().to(memory_format=torch.channels_last)
-    distiller = Distiller(student, file, device, channels_last=True)
+    student = DetectionModel("yolov5n.yaml", nc=8).to(device).train().to(memory_format=torch.channels_last)
+    distiller = Distiller(student, teacher_pt, device, channels_last=True)
     param = next(distiller.teacher.parameters())
     assert param.dtype == torch.float16 and not param.requires_grad
     assert any(

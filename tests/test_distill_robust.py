@@ -17,6 +17,7 @@ import yaml
 import train
 import val
 from models.yolo import DetectionModel
+from tests.conftest import save_random_model
 from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.general import UserError
 
@@ -25,21 +26,12 @@ pytestmark = pytest.mark.slow
 COMMON = dict(batch_size=8, device="cpu", workers=0, noplots=True, exist_ok=True, hyp="hyp.scratch-low.yaml")
 
 
-def _save_model(cfg: str, file: Path) -> Path:
-    torch.manual_seed(0)
-    model = DetectionModel(f"{cfg}.yaml", nc=8)
-    model.names = {i: str(i) for i in range(8)}
-    file.parent.mkdir(parents=True, exist_ok=True)
-    save_checkpoint({"epoch": -1, "model": model.half(), "ema": None, "optimizer": None, "opt": {}}, file)
-    return file
-
-
 @pytest.fixture(scope="module")
 def teachers(tmp_path_factory) -> dict[str, Path]:
     """Teachers in YOLOv5's checkpoint layout: 'wide' yolov5s (P5), 'p6' yolov5n6, 'narrow' yolov5n."""
     root = tmp_path_factory.mktemp("teachers")
     return {
-        k: _save_model(cfg, root / f"{k}.pt")
+        k: save_random_model(cfg, root / f"{k}.pt")
         for k, cfg in (("wide", "yolov5s"), ("p6", "yolov5n6"), ("narrow", "yolov5n"))
     }
 
@@ -159,7 +151,7 @@ def test_kill_at_any_point_then_resume(tmp_path, tiny_data, teachers, monkeypatc
     for f in "best.pt", "last.pt":  # 4: stripped to a plain YOLOv5 checkpoint
         final = load_checkpoint(wdir / f)
         assert "distill" not in final and final["optimizer"] is None and final["epoch"] == -1
-    plain = _save_model("yolov5n", tmp_path / "plain.pt")  # a stripped yolov5n without a teacher, for size
+    plain = save_random_model("yolov5n", tmp_path / "plain.pt")  # a stripped yolov5n without a teacher, for size
     assert os.path.getsize(wdir / "best.pt") < 1.1 * os.path.getsize(plain)
     assert not list(wdir.glob(".*.tmp"))
 
@@ -216,7 +208,7 @@ def test_bad_flags_one_line_before_data(tmp_path, tiny_data, teachers, monkeypat
         bad.write_text(text)
         with pytest.raises(UserError, match=rf"--data {bad}: {message}"):
             train.run(**{**base, "data": str(bad)})
-    weights = _save_model("yolov5n", tmp_path / "n.pt")
+    weights = save_random_model("yolov5n", tmp_path / "n.pt")
     for kwargs, message in ((dict(batch_size=0), "--batch-size 0"), (dict(imgsz=0), "--imgsz 0")):
         with pytest.raises(UserError, match=message):
             val.run(data=str(tiny_data), weights=str(weights), device="cpu", workers=0, **kwargs)

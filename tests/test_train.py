@@ -11,7 +11,7 @@ import train
 import val
 from distill.loss import SPARSE_MAX_SHARE
 from models.yolo import DetectionModel
-from utils.checkpoint import attempt_load, load_checkpoint, save_checkpoint
+from utils.checkpoint import attempt_load, load_checkpoint
 from utils.general import UserError
 
 pytestmark = pytest.mark.slow
@@ -23,17 +23,6 @@ def _results(run_dir):
     df = pd.read_csv(run_dir / "results.csv", skipinitialspace=True)
     df.columns = [c.strip() for c in df.columns]
     return df
-
-
-@pytest.fixture(scope="module")
-def teacher_pt(tmp_path_factory, tiny_data):
-    """A teacher twice as wide as yolov5n, saved in YOLOv5's checkpoint layout."""
-    torch.manual_seed(0)
-    model = DetectionModel("yolov5s.yaml", nc=8)
-    model.names = {i: str(i) for i in range(8)}
-    file = tmp_path_factory.mktemp("teacher") / "teacher.pt"
-    save_checkpoint({"epoch": -1, "model": model.half(), "ema": None, "optimizer": None, "opt": {}}, file)
-    return file
 
 
 class _Interrupt(Exception):
