@@ -160,14 +160,13 @@ class _CellConv(torch.autograd.Function):
             for rows in index.split(_CellConv.CHUNK)
         ])  # fmt: skip
         ctx.save_for_backward(padded, index, matrix)
-        ctx.x_shape, ctx.has_bias = x.shape, bias is not None
+        ctx.x_shape, ctx.k, ctx.has_bias = x.shape, k, bias is not None
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         padded, index, matrix = ctx.saved_tensors
-        b, c, h, w = ctx.x_shape
-        k = round((matrix.shape[1] // c) ** 0.5)
+        (b, c, h, w), k = ctx.x_shape, ctx.k
         grad = grad.contiguous()
         grad_padded, grad_matrix = torch.zeros_like(padded), torch.zeros_like(matrix)
         matrix_t = matrix.t().contiguous()

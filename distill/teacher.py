@@ -134,12 +134,15 @@ def _num_classes(model: nn.Module) -> int | None:
     return getattr(model.model[-1], "nc", None) if hasattr(model, "model") else getattr(model, "nc", None)
 
 
-def teacher_features(teacher: nn.Module, imgs: torch.Tensor, layers: list[int]) -> list[torch.Tensor]:
+def teacher_features(
+    teacher: nn.Module, imgs: torch.Tensor, layers: list[int], float32: bool = True
+) -> list[torch.Tensor]:
     """Teacher features at `layers` for a batch, without grad: [B, 3, H, W] images (0-1) -> list of float32
-    [B, C_t, H / stride, W / stride] tensors. The teacher is put back in eval mode if something switched it."""
+    [B, C_t, H / stride, W / stride] tensors (float32=False: the teacher's own dtype, fp16 on CUDA, for a caller that
+    reads only some cells and converts those). The teacher is put back in eval mode if something switched it."""
     if teacher.training:
         teacher.eval()
     param = next(teacher.parameters())
     with torch.no_grad(), torch.autocast(device_type=param.device.type, enabled=param.device.type == "cuda"):
         features = teacher.extract_features(imgs.to(param.device, param.dtype), list(layers))
-    return [f.float() for f in features]
+    return [f.float() for f in features] if float32 else features
