@@ -99,8 +99,7 @@ def neighbourhoods(x: torch.Tensor, cells: torch.Tensor, k: int) -> torch.Tensor
 
     Beyond the border it reads zeros, as a conv with padding k // 2 does. Backward scatters into the feature.
     """
-    padded = _padded_rows(x, k)
-    return padded.index_select(0, _neighbour_index(x.shape, cells, k).flatten()).view(len(cells), k * k * x.shape[1])
+    return _gather_rows(_padded_rows(x, k), _neighbour_index(x.shape, cells, k))
 
 
 def _padded_rows(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -119,6 +118,16 @@ def _neighbour_index(shape: torch.Size, cells: torch.Tensor, k: int) -> torch.Te
     return corner[:, None] + offsets
 
 
+def _gather_rows(padded: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The neighbourhood rows `index` [N, k * k] names in `padded` [*, C], each flattened: [N, k * k * C]."""
+    return padded.index_select(0, index.flatten()).view(len(index), index.shape[1] * padded.shape[1])
+
+
+def _weight_matrix(weight: torch.Tensor) -> torch.Tensor:
+    """Conv weight [O, C, k, k] -> [O, k * k * C], ordered (dy, dx, c) as the neighbourhood rows."""
+    return weight.permute(0, 2, 3, 1).reshape(len(weight), -1)
+
+
 def sparse_conv(x: torch.Tensor, cells: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """F.conv2d(x, weight, bias, padding=k // 2) at the given cells only: [B, C, H, W] -> [N, O] (cells: [N] indices
     into [B, H, W]; weight [O, C, k, k]). Gradients reach x, weight and bias as the dense conv's would.
@@ -129,8 +138,7 @@ def sparse_conv(x: torch.Tensor, cells: torch.Tensor, weight: torch.Tensor, bias
     if x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and len(cells):
         return _CellConv.apply(x, cells, weight, bias)
     rows = neighbourhoods(x, cells, weight.shape[-1])
-    matrix = weight.permute(0, 2, 3, 1).flatten(1).to(rows.dtype)  # [O, k * k * C], ordered (dy, dx, c) as the rows
-    return F.linear(rows, matrix, None if bias is None else bias.to(rows.dtype))
+    return F.linear(rows, _weight_matrix(weight).to(rows.dtype), None if bias is None else bias.to(rows.dtype))
 
 
 def _conv_matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -154,11 +162,10 @@ class _CellConv(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, cells: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
         k = weight.shape[-1]
         padded, index = _padded_rows(x, k), _neighbour_index(x.shape, cells, k)
-        matrix = weight.permute(0, 2, 3, 1).reshape(len(weight), -1)  # [O, k * k * C], ordered (dy, dx, c)
-        out = torch.cat([
-            _conv_matmul(padded.index_select(0, rows.flatten()).view(len(rows), -1), matrix, bias)
-            for rows in index.split(_CellConv.CHUNK)
-        ])  # fmt: skip
+        matrix = _weight_matrix(weight)
+        out = torch.cat(
+            [_conv_matmul(_gather_rows(padded, rows), matrix, bias) for rows in index.split(_CellConv.CHUNK)]
+        )
         ctx.save_for_backward(padded, index, matrix)
         ctx.x_shape, ctx.k, ctx.has_bias = x.shape, k, bias is not None
         return out
@@ -171,9 +178,8 @@ class _CellConv(torch.autograd.Function):
         grad_padded, grad_matrix = torch.zeros_like(padded), torch.zeros_like(matrix)
         matrix_t = matrix.t().contiguous()
         for rows, g in zip(index.split(_CellConv.CHUNK), grad.split(_CellConv.CHUNK)):
-            flat = rows.flatten()
-            grad_matrix.addmm_(g.t(), padded.index_select(0, flat).view(len(rows), -1))
-            grad_padded.index_add_(0, flat, _conv_matmul(g, matrix_t).view(len(flat), c))
+            grad_matrix.addmm_(g.t(), _gather_rows(padded, rows))
+            grad_padded.index_add_(0, rows.flatten(), _conv_matmul(g, matrix_t).view(rows.numel(), c))
         r = k // 2
         grad_x = grad_padded.view(b, h + 2 * r, w + 2 * r, c)[:, r : r + h, r : r + w].permute(0, 3, 1, 2)
         grad_weight = grad_matrix.view(-1, k, k, c).permute(0, 3, 1, 2)
