@@ -1,8 +1,10 @@
-"""The main job: does FGFI distillation beat the same student trained alone? One command, built-in data.
+"""The main job: does distillation (FGFI, output distillation) beat the same student trained alone? One command.
 
     python experiment.py                            # shipped yolov5s teacher -> yolov5n, seed 0 (CPU, ~11 min)
     python experiment.py --seeds 0,1,2              # student and distilled student per seed: mean, std, gain
-    python experiment.py --ablation --seeds 0,1,2   # + regions gtbox / full, 3 levels, psi 0.3 / 0.7, weight sweep
+    python experiment.py --arms student,fgfi,kd,fgfi+kd --seeds 0,1,2   # + output distillation, alone and with FGFI
+    python experiment.py --ablation --seeds 0,1,2   # + output terms, regions gtbox / full, 3 levels, psi, weights
+    python experiment.py --data my.yaml --teacher big.pt --student-weights yolov5n.pt --imgsz 640  # your data
     python experiment.py --train-teacher            # reproduce weights/yolov5s-synthetic.pt (~25 min on 2 cores)
     python experiment.py --preset gpu               # bigger schedule for a GPU; trains its own yolov5m teacher
 
@@ -56,12 +58,24 @@ TEACHER_RECIPE = dict(
     batch_size=16, device="cpu", workers=2, seed=0,
 )  # fmt: skip
 
+# The output-distillation weights README recommends (measured: README, "Output distillation")
+KD = {"kd_weight": 1.0, "box_kd_weight": 0.05}
+
 # Arms: train.run overrides on top of distillation from the teacher; None = the student alone
 MAIN_ARMS = {"student": None, "fgfi": {}}
+OUTPUT_ARMS = {
+    "kd": {**KD, "imitation_weight": 0.0},  # output terms alone: no feature imitation
+    "fgfi+kd": KD,
+}
 ABLATION_ARMS = {
+    **OUTPUT_ARMS,
+    "kd-cls": {"kd_weight": KD["kd_weight"], "imitation_weight": 0.0},  # objectness + class alone
+    "kd-box": {"box_kd_weight": KD["box_kd_weight"], "imitation_weight": 0.0},  # boxes alone
     "gtbox": {"imitation_region": "gtbox"},
     "full": {"imitation_region": "full"},
-    "fgfi-3levels": {"imitation_layers": "detect"},
+    "fgfi-3levels-sum": {"imitation_layers": "detect", "imitation_reduce": "sum"},  # before: collapses
+    "fgfi-3levels-mean": {"imitation_layers": "detect", "imitation_reduce": "mean"},
+    "fgfi-3levels-channel": {"imitation_layers": "detect", "imitation_reduce": "channel"},
     "fgfi-psi0.3": {"iou_factor": 0.3},
     "fgfi-psi0.7": {"iou_factor": 0.7},
     "fgfi-w0.003": {"imitation_weight": 0.003},
@@ -88,6 +102,8 @@ def run_experiment(
     t0 = time.time()
     cfg = dict(PRESETS[preset])
     cfg.update({k: v for k, v in overrides.items() if v is not None})
+    if epochs is not None and epochs < 1:
+        raise UserError(f"--epochs {epochs}: train for at least 1 epoch")
     cfg["epochs"] = epochs or cfg["epochs"]
     arms = list(arms or (ARMS if ablation else MAIN_ARMS))
     unknown = [a for a in arms if a not in ARMS]
@@ -95,6 +111,11 @@ def run_experiment(
         raise UserError(f"--arms {','.join(unknown)}: unknown; choose from {', '.join(ARMS)}")
     if not seeds:
         raise UserError("--seeds is empty: give at least one seed, e.g. 0 or 0,1,2")
+    for flag, key in (("--imgsz", "imgsz"), ("--batch-size", "batch")):
+        if cfg[key] < 1:
+            raise UserError(f"{flag} {cfg[key]}: must be >= 1")
+    if cfg.get("student_weights") and not Path(cfg["student_weights"]).is_file():
+        raise UserError(f"--student-weights {cfg['student_weights']}: file not found")
     project = Path(project)
     project.mkdir(parents=True, exist_ok=True)
     common = dict(
@@ -120,6 +141,9 @@ def run_experiment(
             name = f"{arm}-seed{seed}"
             extra = {} if ARMS[arm] is None else {"ft_weights": str(teacher), **ARMS[arm]}
             settings = {**common, **extra, "cfg": cfg["student"], "seed": seed, "name": name}
+            if cfg.get("student_weights"):  # a pretrained student: its weights (and its architecture)
+                settings.update(cfg="", weights=str(Path(cfg["student_weights"]).resolve()))
+                settings["student_sha256"] = _sha256(cfg["student_weights"])
             if extra:
                 settings["teacher_sha256"] = teacher_sha
             rows.append(_train_arm(arm, seed, settings, cfg, project))
@@ -151,7 +175,7 @@ def _train_arm(arm: str, seed: int, settings: dict, cfg: dict, project: Path) ->
         LOGGER.info(f"Replacing the earlier {run_dir}")
         shutil.rmtree(run_dir)
     t = time.time()
-    train.run(**{k: v for k, v in settings.items() if k != "teacher_sha256"})
+    train.run(**{k: v for k, v in settings.items() if not k.endswith("_sha256")})
     minutes = (time.time() - t) / 60
     result = _validate(arm, seed, run_dir / "weights/best.pt", cfg, project, minutes)
     record_file.write_text(json.dumps({"settings": settings, "result": result}, indent=1))
@@ -210,17 +234,17 @@ def _report(df: pd.DataFrame, summary: pd.DataFrame, preset: str, cfg: dict, see
         "",
     ]
     stats = summary.set_index("arm")
-    if {"student", "fgfi"} <= set(stats.index):
-        fgfi = stats.loc["fgfi"]
-        n = int(fgfi["seeds"])
+    for arm in [a for a in stats.index if a not in ("teacher", "student")] if "student" in stats.index else []:
+        row = stats.loc[arm]
+        n = int(row["seeds"])
         noise = (
-            f"{fgfi['gain_in_pooled_std']:.1f} pooled standard deviations over {n} seeds"
-            if n > 1 and not math.isnan(fgfi["gain_in_pooled_std"])
+            f"{row['gain_in_pooled_std']:.1f} pooled standard deviations over {n} seeds"
+            if n > 1 and not math.isnan(row["gain_in_pooled_std"])
             else "one seed: run --seeds 0,1,2 to compare the gain with seed-to-seed noise"
         )
         lines.append(
-            f"FGFI changes the student's mAP50-95 by {fgfi['gain50_95']:+.4f} ({noise}) and mAP50 by "
-            f"{fgfi['gain50']:+.4f}; it closes {100 * fgfi['gap_closed']:.0f}% of the teacher-student gap."
+            f"{arm} changes the student's mAP50-95 by {row['gain50_95']:+.4f} ({noise}) and mAP50 by "
+            f"{row['gain50']:+.4f}; it closes {100 * row['gap_closed']:.0f}% of the teacher-student gap."
         )
     return "\n".join(lines) + "\n"
 
@@ -262,11 +286,17 @@ def plot_ablation(summary: pd.DataFrame, file: Path) -> None:
     arms = summary[summary["arm"] != "teacher"]
     teacher = float(summary.loc[summary["arm"] == "teacher", "mAP50_95"].iloc[0])
     fig, ax = plt.subplots(figsize=(8, 4.5), tight_layout=True)
-    colours = ["0.6" if a == "student" else ("C0" if a.startswith("fgfi") else "C1") for a in arms["arm"]]
+
+    def colour(arm: str) -> str:  # grey: the student; blue: FGFI settings; green: output terms; orange: regions
+        if arm == "student":
+            return "0.6"
+        return "C2" if "kd" in arm else "C0" if arm.startswith("fgfi") else "C1"
+
+    colours = [colour(a) for a in arms["arm"]]
     ax.bar(arms["arm"], arms["mAP50_95"], yerr=arms["mAP50_95_std"].fillna(0), color=colours, capsize=4)
     ax.set(
         ylabel="val mAP50-95 (mean +/- std over seeds)",
-        title=f"Imitation region and setting ablation (teacher: {teacher:.3f})",
+        title=f"Distillation ablation (teacher: {teacher:.3f})",
     )
     ax.tick_params(axis="x", rotation=30)
     fig.savefig(file, dpi=150)
@@ -351,6 +381,10 @@ def parse_opt() -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=None, help="student epochs (override the preset)")
     parser.add_argument("--teacher-epochs", type=int, default=None, help="epochs of a preset's own teacher (gpu)")
     parser.add_argument("--device", default=None, help="cpu, 0, 0,1 (override the preset)")
+    parser.add_argument("--data", default=None, help="any YOLOv5 data YAML (default: the built-in synthetic.yaml)")
+    parser.add_argument("--imgsz", "--img", type=int, default=None, help="train and val image size (override)")
+    parser.add_argument("--batch-size", type=int, default=None, help="batch size (override the preset)")
+    parser.add_argument("--student-weights", default=None, help="a pretrained student .pt (default: from scratch)")
     parser.add_argument("--seeds", "--seed", default="0", help="training seeds, e.g. 0 or 0,1,2")
     parser.add_argument("--ablation", action="store_true", help="also the imitation region/level/psi/weight arms")
     parser.add_argument("--arms", default="", help=f"train only these arms, comma-separated: {', '.join(ARMS)}")
@@ -367,6 +401,7 @@ if __name__ == "__main__":
             run_experiment(
                 opt.preset, opt.teacher, opt.project, opt.epochs, parse_seeds(opt.seeds), opt.ablation,
                 [a for a in opt.arms.split(",") if a] or None, device=opt.device, teacher_epochs=opt.teacher_epochs,
+                data=opt.data, imgsz=opt.imgsz, batch=opt.batch_size, student_weights=opt.student_weights,
             )  # fmt: skip
     except UserError as e:
         LOGGER.error(f"ERROR: {e}")

@@ -32,6 +32,7 @@ if str(ROOT) not in sys.path:
 
 import val as validate  # noqa: E402
 from distill import REGIONS, Distiller, parse_imitation_layers  # noqa: E402
+from distill.terms import DEFAULT_REDUCTION, REDUCTIONS, TERMS, term_weights  # noqa: E402
 from utils.autoanchor import check_anchors  # noqa: E402
 from utils.checkpoint import attempt_load, load_student, save_checkpoint, strip_optimizer, training_checkpoint  # noqa: E402
 from utils.dataloaders import create_dataloader  # noqa: E402
@@ -88,8 +89,12 @@ def train(hyp: dict | str, opt: argparse.Namespace, device: torch.device) -> tup
     hyp = dict(hyp)  # local copy: the loss gains below are scaled per model
     LOGGER.info(colorstr("hyperparameters: ") + ", ".join(f"{k}={v}" for k, v in hyp.items()))
     opt.hyp = hyp.copy()
-    if opt.ft_weights and opt.imitation_weight is None:  # the hyp file's gain unless --imitation-weight says
-        opt.imitation_weight = float(hyp.get("imitation", 0.01))
+    if opt.ft_weights:  # each term's gain: its flag (--kd-weight, ...), else the hyp file's, else the table's default
+        given = {name: getattr(opt, f"{name}_weight", None) for name in TERMS}
+        for name, weight in term_weights(given, hyp).items():
+            setattr(opt, f"{name}_weight", weight)
+        if getattr(opt, "kd_temperature", None) is None:
+            opt.kd_temperature = float(hyp.get("kd_temperature", 1.0))
     if not evolve:
         yaml_save(save_dir / "hyp.yaml", hyp)
         yaml_save(save_dir / "opt.yaml", vars(opt))
@@ -114,15 +119,18 @@ def train(hyp: dict | str, opt: argparse.Namespace, device: torch.device) -> tup
             LOGGER.info(f"freezing {k}")
             v.requires_grad = False
 
-    # FGFI: the frozen teacher, the adapters and the imitation settings, beside the plain student (distill/)
+    # Distillation: the frozen teacher, the adapters and the terms' settings, beside the plain student (distill/)
     distiller = None
     if opt.ft_weights:
         distiller = Distiller(
             model, opt.ft_weights, device, *parse_imitation_layers(opt.imitation_layers), opt.iou_factor,
             opt.imitation_region, opt.imitation_weight, opt.adapter_kernel, opt.channels_last,
+            weights={name: getattr(opt, f"{name}_weight") for name in TERMS}, kd_temperature=opt.kd_temperature,
+            imitation_reduce=opt.imitation_reduce,
         )  # fmt: skip
         if ckpt is not None and resume and ckpt.get("distill"):
             distiller.load_state_dict(ckpt["distill"])
+        distiller.check_student(model, adopt_anchors=not (weights or resume))  # --kd-weight: the teacher's anchors
     gs = max(int(model.stride.max()), distiller.stride if distiller else 0, 32)  # a P6 teacher needs 64
     imgsz = check_img_size(opt.imgsz, gs, floor=gs * 2)
     if opt.channels_last:
@@ -170,7 +178,9 @@ def train(hyp: dict | str, opt: argparse.Namespace, device: torch.device) -> tup
             prefix=colorstr("val: "), nc=nc,
         )[0]  # fmt: skip
         if not resume:
-            if not opt.noautoanchor:
+            if distiller and distiller.same_anchors and not opt.noautoanchor:
+                LOGGER.info(f"{colorstr('AutoAnchor: ')}skipped: --kd-weight needs the teacher's anchors")
+            elif not opt.noautoanchor:
                 check_anchors(dataset, model=model, thr=hyp["anchor_t"], imgsz=imgsz)
             model.half().float()  # pre-reduce anchor precision, as YOLOv5 does
             if plots:
@@ -201,7 +211,7 @@ def train(hyp: dict | str, opt: argparse.Namespace, device: torch.device) -> tup
     scheduler.last_epoch = start_epoch - 1
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     stopper, stop = EarlyStopping(patience=opt.patience), False
-    compute_loss = ComputeLoss(model, hyp, imitation_weight=distiller.imitation_weight if distiller else None)
+    compute_loss = ComputeLoss(model, hyp, distill_weights=distiller.loss_weights if distiller else None)
     loss_names = compute_loss.names
     trainable = list(model.parameters()) + (distiller.parameters() if distiller else [])
     epoch = start_epoch - 1  # a run resumed after its last epoch's save only finishes (strip, validate)
@@ -223,7 +233,13 @@ def train(hyp: dict | str, opt: argparse.Namespace, device: torch.device) -> tup
         pbar = enumerate(train_loader)
         LOGGER.info(
             ("\n" + "%11s" * (4 + len(loss_names)))
-            % ("Epoch", "GPU_mem", *(f"{k[:4]}_loss" for k in loss_names), "Instances", "Size")
+            % (
+                "Epoch",
+                "GPU_mem",
+                *(f"{TERMS[k].label if k in TERMS else k}_loss" for k in loss_names),
+                "Instances",
+                "Size",
+            )
         )
         if RANK in {-1, 0}:
             pbar = tqdm(pbar, total=nb, bar_format="{l_bar}{bar:10}{r_bar}")
@@ -278,7 +294,7 @@ def train(hyp: dict | str, opt: argparse.Namespace, device: torch.device) -> tup
                 )
                 if plots and ni < 3:
                     plot_images(imgs, targets, paths, save_dir / f"train_batch{ni}.jpg", names)
-                    if imitation:
+                    if "mask" in imitation:
                         f = save_dir / f"imitation_masks{ni}.jpg"
                         plot_imitation_masks(imgs, imitation["mask"], targets, f, names)
 
@@ -374,7 +390,15 @@ def parse_opt(known: bool = False, args: list[str] | None = None) -> argparse.Na
     parser.add_argument("--local_rank", type=int, default=-1, help="Automatic DDP Multi-GPU argument, do not modify")
     # FGFI distillation
     parser.add_argument("--ft_weights", "--ft-weights", type=str, default="", help="teacher weights: enables FGFI")
-    parser.add_argument("--imitation-weight", type=float, default=None, help="imitation loss gain (default: hyp 0.01)")
+    for term in TERMS.values():  # --imitation-weight, --kd-weight, --box-kd-weight: one per distill/terms.py entry
+        parser.add_argument(f"--{term.name.replace('_', '-')}-weight", type=float, default=None, help=term.help)
+    parser.add_argument(
+        "--kd-temperature", type=float, default=None, help="softening temperature T of --kd-weight (default: hyp 1.0)"
+    )
+    parser.add_argument(
+        "--imitation-reduce", choices=REDUCTIONS, default=DEFAULT_REDUCTION,
+        help="several imitated layers: their terms' mean (default), sum, or channel-weighted mean",
+    )  # fmt: skip
     parser.add_argument("--iou-factor", type=float, default=0.5, help="FGFI psi: keep anchors with IoU > psi * max IoU")
     parser.add_argument(
         "--imitation-layers", type=str, default="default",

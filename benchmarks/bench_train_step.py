@@ -5,14 +5,18 @@ For each box density (--boxes, boxes per image), median wall time of:
   teacher          the frozen teacher's forward alone, as training runs it (fused, no grad, fp16 on CUDA, up to the
                    imitated layer)
   distill dense    the whole distillation step (distill.Distiller + ComputeLoss + backward + step), adapter as a conv
-  distill sparse   the same with the adapter on the masked cells only (distill.loss: masked_cells, Adapter(x, cells))
+  distill sparse   the same with the adapter on the masked cells only (distill.sparse: masked_cells, Adapter(x, cells))
+  teacher full     the teacher's whole forward (head outputs too), as the output terms (--kd-weight) need it
+  fgfi+kd          the distillation step with FGFI and both output terms on (experiment.py's KD weights), the path
+                   training takes
   mask             the imitation masks alone
   cells + loss     masked_cells (the host sync), the teacher gather and the imitation loss fwd+bwd (sparse path)
   adapter          the adapter alone, fwd+bwd, dense conv and sparse
 and the ratio distill / (plain + teacher) of the path training takes by default (sparse below
-distill.loss.SPARSE_MAX_SHARE masked cells, dense above). Steps are timed in interleaved rounds so drift on a shared
+distill.sparse.SPARSE_MAX_SHARE masked cells, dense above). Steps are timed in interleaved rounds so drift on a shared
 machine hits every row alike. Random images, random boxes (3-40% of the image), a random-weight teacher saved and
-loaded like a real --ft_weights checkpoint. The last line is the default setting's ratio.
+loaded like a real --ft_weights checkpoint. The line before the last is the default setting's ratio with the output
+terms on, fgfi+kd / (plain + teacher full); the last line the FGFI-only ratio.
 
     python benchmarks/bench_train_step.py                     # CPU: yolov5n <- yolov5s at 320, batch 16, 1/7/30 boxes
     python benchmarks/bench_train_step.py --sweep             # where the sparse adapter stops paying (the crossover)
@@ -37,8 +41,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from distill import Distiller, feature_channels, imitation_loss, imitation_mask, teacher_features  # noqa: E402
-from distill.loss import SPARSE_MAX_SHARE, Adapter, gather_cells, masked_cells  # noqa: E402
+from distill import Distiller, feature_channels, imitation_loss, imitation_mask, teacher_features, teacher_outputs  # noqa: E402
+from distill.loss import Adapter  # noqa: E402
+from distill.sparse import SPARSE_MAX_SHARE, gather_cells, masked_cells  # noqa: E402
+from experiment import KD  # noqa: E402
 from models.yolo import DetectionModel  # noqa: E402
 from utils.checkpoint import save_checkpoint  # noqa: E402
 from utils.general import yaml_load  # noqa: E402
@@ -146,15 +152,20 @@ def run(opt: argparse.Namespace) -> list[dict]:
     if opt.channels_last:
         student.to(memory_format=torch.channels_last)
     with tempfile.TemporaryDirectory() as tmp:
-        distiller = Distiller(
-            student, make_teacher(opt.teacher, opt.nc, Path(tmp)), device, opt.imitation_layers,
-            iou_factor=opt.iou_factor, adapter_kernel=opt.adapter_kernel, channels_last=opt.channels_last,
+        teacher_file = make_teacher(opt.teacher, opt.nc, Path(tmp))
+        distiller, kd_distiller = (
+            Distiller(
+                student, teacher_file, device, opt.imitation_layers, iou_factor=opt.iou_factor,
+                adapter_kernel=opt.adapter_kernel, channels_last=opt.channels_last, weights=weights,
+            )
+            for weights in (None, {"kd": KD["kd_weight"], "box_kd": KD["box_kd_weight"]})
         )  # fmt: skip
-    params = list(student.parameters()) + distiller.parameters()
+    params = list(student.parameters()) + distiller.parameters() + kd_distiller.parameters()
     optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9, nesterov=True)
     scaler = torch.amp.GradScaler("cuda", enabled=cuda)
     plain_loss = ComputeLoss(student, hyp)
-    distill_loss = ComputeLoss(student, hyp, imitation_weight=distiller.imitation_weight)
+    distill_loss = ComputeLoss(student, hyp, distill_weights=distiller.loss_weights)
+    kd_loss = ComputeLoss(student, hyp, distill_weights=kd_distiller.loss_weights)
     imgs = torch.rand(opt.batch_size, 3, opt.imgsz, opt.imgsz, generator=g).to(device)
     if opt.channels_last:
         imgs = imgs.contiguous(memory_format=torch.channels_last)
@@ -172,6 +183,15 @@ def run(opt: argparse.Namespace) -> list[dict]:
 
     def teacher():
         teacher_features(distiller.teacher, imgs, distiller.teacher_layers)
+
+    def teacher_full():
+        teacher_outputs(kd_distiller.teacher, imgs, kd_distiller.teacher_layers)
+
+    def fgfi_kd():
+        with torch.autocast(device.type, enabled=cuda):
+            pred, inputs = kd_distiller(student, imgs, targets)
+            loss, _ = kd_loss(pred, targets, **inputs)
+        step(loss)
 
     def distill(max_share: float):
         def fn():
@@ -191,6 +211,8 @@ def run(opt: argparse.Namespace) -> list[dict]:
             "teacher": teacher,
             "distill_dense": distill(0.0),
             "distill_sparse": distill(ALWAYS_SPARSE),
+            "teacher_full": teacher_full,
+            "fgfi_kd": fgfi_kd,
         }
         parts, masks = part_steps(student, distiller, imgs, targets, opt.iou_factor)
         fns.update(parts)
@@ -204,6 +226,7 @@ def run(opt: argparse.Namespace) -> list[dict]:
             ratio_dense=row["distill_dense"] / base, ratio_sparse=row["distill_sparse"] / base,
         )  # fmt: skip
         row["ratio"] = row[f"ratio_{auto}"]
+        row["ratio_kd"] = row["fgfi_kd"] / (row["plain"] + row["teacher_full"])
         row["loss_share"] = (row["mask"] + row["cells_loss"]) / row[f"distill_{auto}"]
         rows.append(row)
     distiller.sparse_max_share = SPARSE_MAX_SHARE
@@ -227,6 +250,8 @@ def print_table(opt: argparse.Namespace, device: torch.device, distiller: Distil
         "adapter_dense": "adapter fwd+bwd, dense", "adapter_sparse": "adapter fwd+bwd, sparse",
         "ratio_dense": "ratio, dense adapter", "ratio_sparse": "ratio, sparse adapter", "auto": "path taken (auto)",
         "ratio": "ratio, path taken", "loss_share": "(mask + loss) / step",
+        "teacher_full": "teacher full forward", "fgfi_kd": "fgfi+kd step (path taken)",
+        "ratio_kd": "ratio fgfi+kd/(plain+full)",
         "plain_faults": "page faults, plain step", "teacher_faults": "page faults, teacher",
         "distill_dense_faults": "page faults, dense step", "distill_sparse_faults": "page faults, sparse step",
     }  # fmt: skip
@@ -249,12 +274,13 @@ def print_table(opt: argparse.Namespace, device: torch.device, distiller: Distil
                 cells.append(f"{v:>12.2f}")
         print(f"{label:<30}" + "".join(cells))
     default = next((r for r in rows if r["boxes"] == 7), rows[-1])
+    print(f"ratio fgfi+kd/(plain+teacher) = {default['ratio_kd']:.2f}")
     print(f"ratio distill/(plain+teacher) = {default['ratio']:.2f}")
 
 
 def sweep(opt: argparse.Namespace) -> list[tuple[float, float, float]]:
     """Adapter + imitation loss fwd+bwd, dense conv vs sparse, on random masks of growing share; prints the
-    crossover (the share where sparse stops being faster), the value distill.loss.SPARSE_MAX_SHARE should hold."""
+    crossover (the share where sparse stops being faster), the value distill.sparse.SPARSE_MAX_SHARE should hold."""
     device = select_device(opt.device)
     cuda = device.type == "cuda"
     torch.manual_seed(0)

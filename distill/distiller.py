@@ -1,14 +1,19 @@
-"""Distiller: all that FGFI adds to a YOLOv5 training run, as one object beside a plain student.
+"""Distiller: all that distillation adds to a YOLOv5 training run, as one object beside a plain student.
 
 It owns the frozen teacher (outside the student: never in its EMA, optimizer or DDP wrapper), the adapters (trained
-with the student, their own optimizer groups), the paired student/teacher layers and the imitation settings (region,
-psi, weight, adapter kernel). A training loop uses it as
+with the student, their own optimizer groups), the paired student/teacher layers, the weights of the distillation
+terms (distill/terms.py: FGFI imitation, output distillation) and their settings (region, psi, adapter kernel,
+temperature, ...). A training loop uses it as
 
-    distiller = Distiller(student, "teacher.pt", device, imitation_layers=[17, 20, 23], teacher_layers=[23, 26, 29])
+    distiller = Distiller(student, "teacher.pt", device, imitation_layers=[17, 20, 23], weights={"kd": 1.0})
     optimizer.param_groups += distiller.param_groups(weight_decay)       # (add_param_group, one by one)
-    preds, imitation = distiller(student, imgs, targets)                  # student forward + teacher features
-    loss, items = ComputeLoss(student, hyp, imitation_weight=distiller.imitation_weight)(preds, targets, **imitation)
+    preds, inputs = distiller(student, imgs, targets)                     # student forward + what the terms read
+    loss, items = ComputeLoss(student, hyp, distill_weights=distiller.loss_weights)(preds, targets, **inputs)
     ckpt["distill"] = distiller.state_dict()                              # while training: --resume needs it
+
+A term is on when its weight is > 0 (with every weight 0, FGFI imitation stays on at weight 0: a control run).
+The teacher runs only as far as the terms need: up to the imitated layers for FGFI alone, its whole forward (head
+outputs) when an output term is on.
 
 state_dict() is the one copy of the imitation settings a run keeps for --resume (train.py reads them back from the
 checkpoint); a finished checkpoint drops it (utils/checkpoint.strip_optimizer), leaving a plain YOLOv5 checkpoint.
@@ -16,15 +21,18 @@ checkpoint); a finished checkpoint drops it (utils/checkpoint.strip_optimizer), 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
-from distill.loss import SPARSE_MAX_SHARE, FeatureAdapters, feature_channels, gather_cells, masked_cells
+from distill.loss import FeatureAdapters, feature_channels
 from distill.mask import REGIONS
-from distill.teacher import load_teacher, match_layers, teacher_features
+from distill.sparse import SPARSE_MAX_SHARE, gather_cells, masked_cells
+from distill.teacher import check_heads, load_teacher, match_layers, teacher_features, teacher_outputs
+from distill.terms import DEFAULT_REDUCTION, REDUCTIONS, TERMS, check_weight, level_weights
 from utils.general import LOGGER, UserError, check_file, colorstr
 
 LayerSpec = None | str | list[int]  # None: the default point, 'detect': Detect's inputs, or layer indices
@@ -64,21 +72,33 @@ def format_layers(student: list[int], teacher: list[int]) -> str:
 
 
 def check_settings(
-    iou_factor: float, imitation_region: str, imitation_weight: float | None, adapter_kernel: int
+    iou_factor: float,
+    imitation_region: str,
+    imitation_weight: float | None,
+    adapter_kernel: int,
+    weights: dict[str, float | None] | None = None,
+    kd_temperature: float | None = None,
+    imitation_reduce: str | None = None,
 ) -> None:
-    """One line naming the flag and its allowed range for a bad setting (None weight: not chosen yet)."""
+    """One line naming the flag and its allowed range for a bad setting (None: not chosen yet)."""
     if not 0 <= iou_factor < 1:
         raise UserError(f"--iou-factor {iou_factor}: FGFI's psi must be in [0, 1) (the paper uses 0.5)")
     if imitation_region not in REGIONS:
         raise UserError(f"--imitation-region {imitation_region!r}: use one of {', '.join(REGIONS)}")
-    if imitation_weight is not None and not imitation_weight >= 0:
-        raise UserError(f"--imitation-weight {imitation_weight}: must be >= 0 (0.01 in the paper)")
+    if imitation_weight is not None and not (math.isfinite(imitation_weight) and imitation_weight >= 0):
+        raise UserError(f"--imitation-weight {imitation_weight}: must be >= 0 and finite (0.01 in the paper)")
+    for name, weight in (weights or {}).items():
+        check_weight(name, weight)
+    if kd_temperature is not None and not (math.isfinite(kd_temperature) and kd_temperature > 0):
+        raise UserError(f"--kd-temperature {kd_temperature}: must be a finite number > 0 (1 = no softening)")
+    if imitation_reduce is not None and imitation_reduce not in REDUCTIONS:
+        raise UserError(f"--imitation-reduce {imitation_reduce!r}: use one of {', '.join(REDUCTIONS)}")
     if adapter_kernel < 1 or adapter_kernel % 2 == 0:
         raise UserError(f"--adapter-kernel {adapter_kernel}: use an odd size >= 1 (3 as in the paper, or 1)")
 
 
 class Distiller:
-    """FGFI distillation of a YOLOv5 student from a frozen teacher; see the module docstring.
+    """Distillation of a YOLOv5 student from a frozen teacher; see the module docstring.
 
     Args:
         student: the student DetectionModel (read only: its imitated layers and channels).
@@ -90,7 +110,12 @@ class Distiller:
         imitation_weight: gain of the imitation loss (>= 0); adapter_kernel: odd adapter conv size.
         channels_last: teacher and adapters in channels_last memory format (--channels-last; the student is too).
         sparse_max_share: run the adapters on the masked cells alone when a level's masked share is below this
-            (distill.loss.SPARSE_MAX_SHARE, measured), the dense conv otherwise; 0 always dense, > 1 always sparse.
+            (distill.sparse.SPARSE_MAX_SHARE, measured), the dense conv otherwise; 0 always dense, > 1 always sparse.
+        weights: the other terms' weights, {name: weight} (distill.terms.TERMS, e.g. {"kd": 1.0, "box_kd": 0.05});
+            missing ones are 0 (off).
+        kd_temperature: T of the output terms (distill.terms.kd_term).
+        imitation_reduce: how several imitated layers' terms combine (distill.terms.level_weights): 'sum', 'mean' or
+            'channel'; a single layer is the same under all three.
     """
 
     def __init__(
@@ -106,56 +131,116 @@ class Distiller:
         adapter_kernel: int = 3,
         channels_last: bool = False,
         sparse_max_share: float = SPARSE_MAX_SHARE,
+        weights: dict[str, float] | None = None,
+        kd_temperature: float = 1.0,
+        imitation_reduce: str = DEFAULT_REDUCTION,
     ):
-        check_settings(iou_factor, imitation_region, imitation_weight, adapter_kernel)
+        weights = {name: float((weights or {}).get(name, 0.0)) for name in TERMS if name != "imitation"}
+        check_settings(
+            iou_factor, imitation_region, imitation_weight, adapter_kernel, weights, kd_temperature, imitation_reduce
+        )
         self.iou_factor, self.imitation_region = float(iou_factor), str(imitation_region)
         self.imitation_weight, self.adapter_kernel = float(imitation_weight), int(adapter_kernel)
+        self.weights = {"imitation": self.imitation_weight, **weights}
+        # the terms switched on; with every weight 0, imitation at weight 0 (a control run, as before output terms)
+        self.loss_weights = {k: w for k, w in self.weights.items() if w > 0} or {"imitation": self.imitation_weight}
+        self.imitate = "imitation" in self.loss_weights
+        self.outputs = any(TERMS[k].outputs for k in self.loss_weights)  # the teacher's whole forward is needed
+        self.kd_temperature, self.imitation_reduce = float(kd_temperature), str(imitation_reduce)
         self.teacher_path = str(Path(check_file(teacher, "--ft_weights")).resolve())
         student = getattr(student, "module", student)
         self.teacher = load_teacher(self.teacher_path, student, device, imitation_layers, teacher_layers=teacher_layers)
         self.student_layers, self.teacher_layers = match_layers(
             self.teacher, student, imitation_layers, teacher_layers, self.teacher_path
         )
+        # the output terms compare the heads anchor by anchor; objectness and class also need the same anchor sizes
+        self.same_anchors = "kd" in self.loss_weights
+        if self.outputs:
+            check_heads(self.teacher, student, self.teacher_path, same_anchors=False)
         # the image grid both models need: a P6 teacher beside a P5 student needs multiples of 64
         self.stride = max(int(student.stride.max()), int(self.teacher.stride.max()), 32)
         s_channels = feature_channels(student, self.student_layers, 2 * self.stride)
         t_channels = feature_channels(self.teacher, self.teacher_layers, 2 * self.stride)
-        self.adapters = FeatureAdapters(s_channels, t_channels, self.adapter_kernel).to(device)
+        self.level_weights = level_weights(t_channels, self.imitation_reduce)
+        # no adapters where nothing is imitated (output terms alone): no parameters, no optimizer groups
+        self.adapters = FeatureAdapters(
+            s_channels if self.imitate else [], t_channels if self.imitate else [], self.adapter_kernel
+        ).to(device)
         if channels_last:
             self.teacher.to(memory_format=torch.channels_last)
             self.adapters.to(memory_format=torch.channels_last)
         self.sparse_max_share = float(sparse_max_share)
-        pairs = ", ".join(
-            f"{s} ({cs} ch) -> {t} ({ct} ch)"
-            for s, t, cs, ct in zip(self.student_layers, self.teacher_layers, s_channels, t_channels)
-        )
-        LOGGER.info(
-            f"{colorstr('FGFI: ')}teacher {self.teacher_path}, student -> teacher layers {pairs}, "
-            f"weight {self.imitation_weight}, region {self.imitation_region}, iou_factor {self.iou_factor}"
-        )
+        terms = ", ".join(f"{k} {w:g}" for k, w in self.loss_weights.items())
+        text = f"{colorstr('Distillation: ')}teacher {self.teacher_path}, terms {terms}"
+        if self.imitate:
+            pairs = ", ".join(
+                f"{s} ({cs} ch) -> {t} ({ct} ch)"
+                for s, t, cs, ct in zip(self.student_layers, self.teacher_layers, s_channels, t_channels)
+            )
+            text += f"; student -> teacher layers {pairs}, region {self.imitation_region}, iou_factor {self.iou_factor}"
+            text += f", levels combined by {self.imitation_reduce}" if len(self.student_layers) > 1 else ""
+        if self.outputs:
+            text += f"; output temperature {self.kd_temperature:g}"
+        LOGGER.info(text)
+
+    def check_student(self, student: nn.Module, adopt_anchors: bool = False) -> None:
+        """The objectness/class term compares scores anchor by anchor, so the student needs the teacher's anchor
+        sizes: a student trained from scratch (adopt_anchors) takes them (its head is untrained, so nothing it learnt
+        is lost; AutoAnchor must then leave them alone); a pretrained student with other anchors is one UserError
+        naming both and the fix (distill.teacher.check_heads)."""
+        student = getattr(student, "module", student)
+        if not self.same_anchors:
+            return
+        t, s = self.teacher.model[-1], student.model[-1]
+        if adopt_anchors and not torch.equal(t.anchors.float().cpu(), s.anchors.float().cpu()):
+            s.anchors[:] = t.anchors.to(s.anchors)
+            LOGGER.info(f"{colorstr('Distillation: ')}the student takes the teacher's anchors (--kd-weight)")
+        check_heads(self.teacher, student, self.teacher_path, same_anchors=True)
 
     def __call__(self, student: nn.Module, imgs: torch.Tensor, targets: torch.Tensor) -> tuple[list, dict]:
-        """Student forward with imitation: (preds, {'student', 'teacher', 'mask'}: lists, one entry per pair).
+        """Student forward plus what the distillation terms read: (preds, inputs for ComputeLoss).
 
-        imgs: [B, 3, H, W] in 0..1; targets: [n, 6] (image, class, x, y, w, h), xywh normalized. The dict holds, per
-        pair, the adapted student feature and the teacher's (no grad), either as maps [B, C_t, h, w] (dense path) or
-        at the N masked cells only, [N, C_t] each (sparse path, where the masked share is below sparse_max_share),
-        and the mask [B, 1, h, w]; as ComputeLoss takes them (loss(preds, targets, **imitation)).
+        imgs: [B, 3, H, W] in 0..1; targets: [n, 6] (image, class, x, y, w, h), xywh normalized. With imitation, the
+        inputs hold 'student', 'teacher', 'mask' (lists, one entry per layer pair): the adapted student feature and
+        the teacher's (no grad), either as maps [B, C_t, h, w] (dense path) or at the N masked cells only, [N, C_t]
+        each (sparse path, where the masked share is below sparse_max_share), the mask [B, 1, h, w], and
+        'level_weights'. With an output term, 'teacher_preds' (the teacher's raw head outputs, [B, na, h, w, 5 + nc]
+        per level, no grad), 'teacher_anchors' and 'temperature'. ComputeLoss takes them as loss(preds, targets,
+        **inputs).
         """
         # Teacher first: its intermediate maps are freed before the student's forward keeps its own for backward,
         # which lowers peak memory (on CPU: 730 vs 753 ms a step and no page faults vs 6,400; benchmarks/RESULTS.md).
-        teacher = teacher_features(self.teacher, imgs, self.teacher_layers, float32=False)  # fp16 on CUDA
-        preds, features, masks = student(
-            imgs, target=targets, imitation_layers=self.student_layers, iou_factor=self.iou_factor,
-            region=self.imitation_region,
-        )  # fmt: skip
-        cells = masked_cells(masks, self.sparse_max_share)  # after both forwards are queued: the step's one sync
-        # float32 after the gather: only the masked cells' copy, not the whole map (imitation_loss casts the rest)
-        teacher = [t if c is None else gather_cells(t, c).float() for t, c in zip(teacher, cells)]
-        return preds, {"student": self.adapters(features, cells), "teacher": teacher, "mask": masks}
+        layers = self.teacher_layers if self.imitate else []
+        if self.outputs:
+            teacher, teacher_preds = teacher_outputs(self.teacher, imgs, layers)
+        else:
+            teacher = teacher_features(self.teacher, imgs, layers, float32=False)  # fp16 on CUDA
+        inputs = {}
+        if self.imitate:
+            preds, features, masks = student(
+                imgs, target=targets, imitation_layers=self.student_layers, iou_factor=self.iou_factor,
+                region=self.imitation_region,
+            )  # fmt: skip
+            cells = masked_cells(masks, self.sparse_max_share)  # after both forwards are queued: the step's one sync
+            # float32 after the gather: only the masked cells' copy, not the whole map (imitation_loss casts the rest)
+            teacher = [t if c is None else gather_cells(t, c).float() for t, c in zip(teacher, cells)]
+            inputs.update(
+                student=self.adapters(features, cells), teacher=teacher, mask=masks, level_weights=self.level_weights
+            )
+        else:
+            preds = student(imgs)
+        if self.outputs:
+            inputs.update(
+                teacher_preds=teacher_preds, teacher_anchors=self.teacher.model[-1].anchors,
+                temperature=self.kd_temperature,
+            )  # fmt: skip
+        return preds, inputs
 
     def param_groups(self, weight_decay: float) -> list[dict]:
-        """Optimizer groups for the adapters, as YOLOv5 groups the student's: weights decayed, biases not."""
+        """Optimizer groups for the adapters, as YOLOv5 groups the student's: weights decayed, biases not (none
+        without imitation)."""
+        if not self.imitate:
+            return []
         weights = [p for name, p in self.adapters.named_parameters() if not name.endswith("bias")]
         biases = [p for name, p in self.adapters.named_parameters() if name.endswith("bias")]
         return [{"params": weights, "weight_decay": weight_decay}, {"params": biases, "weight_decay": 0.0}]
@@ -169,20 +254,23 @@ class Distiller:
         return self
 
     def wrap(self, ddp: Callable[[nn.Module], nn.Module]) -> None:
-        """Wrap the adapters for DDP (the teacher is replicated per rank, never wrapped)."""
-        self.adapters = ddp(self.adapters)
+        """Wrap the adapters for DDP (the teacher is replicated per rank, never wrapped; no adapters, nothing)."""
+        if self.imitate:
+            self.adapters = ddp(self.adapters)
 
     @property
     def settings(self) -> dict:
-        """The imitation settings, under the names of train.py's flags (ft_weights: 'teacher')."""
+        """The distillation settings, under the names of train.py's flags (ft_weights: 'teacher')."""
         return {
             "teacher": self.teacher_path,
             "imitation_layers": list(self.student_layers),
             "teacher_layers": list(self.teacher_layers),
             "iou_factor": self.iou_factor,
             "imitation_region": self.imitation_region,
-            "imitation_weight": self.imitation_weight,
+            **{f"{name}_weight": w for name, w in self.weights.items()},
             "adapter_kernel": self.adapter_kernel,
+            "kd_temperature": self.kd_temperature,
+            "imitation_reduce": self.imitation_reduce,
         }
 
     def state_dict(self) -> dict:
@@ -206,9 +294,10 @@ class Distiller:
     @staticmethod
     def options_from_state(state: dict) -> dict:
         """train.py options that rebuild this distillation on --resume (older checkpoints: only what they hold)."""
-        opts = {
-            k: state[k] for k in ("iou_factor", "imitation_region", "imitation_weight", "adapter_kernel") if k in state
-        }
+        keys = ("iou_factor", "imitation_region", "adapter_kernel", "kd_temperature", "imitation_reduce")
+        keys += tuple(f"{name}_weight" for name in TERMS)
+        opts = {k: state[k] for k in keys if k in state}
+        opts.setdefault("imitation_reduce", "sum")  # runs from before the choice summed their imitated layers
         opts["ft_weights"] = state["teacher"]
         if "teacher_layers" in state:  # both lists: exactly the pairs the run trained with
             opts["imitation_layers"] = format_layers(state["imitation_layers"], state["teacher_layers"])

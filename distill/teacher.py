@@ -146,3 +146,54 @@ def teacher_features(
     with torch.no_grad(), torch.autocast(device_type=param.device.type, enabled=param.device.type == "cuda"):
         features = teacher.extract_features(imgs.to(param.device, param.dtype), list(layers))
     return [f.float() for f in features] if float32 else features
+
+
+def teacher_outputs(
+    teacher: nn.Module, imgs: torch.Tensor, layers: list[int]
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The teacher's whole forward without grad, for the output terms: (features at `layers` in the teacher's dtype,
+    as teacher_features(float32=False); raw head outputs, per level [B, na, h, w, 5 + nc] logits, as the student's
+    training output). The head is read raw (no decoding into boxes: the terms decode what they need)."""
+    if teacher.training:
+        teacher.eval()
+    param = next(teacher.parameters())
+    head = teacher.model[-1]
+    with torch.no_grad(), torch.autocast(device_type=param.device.type, enabled=param.device.type == "cuda"):
+        head.training = True  # only the head: raw outputs; the rest stays in eval mode (BN statistics frozen)
+        try:
+            preds, features = teacher._run(imgs.to(param.device, param.dtype), keep=set(layers))
+        finally:
+            head.training = False
+    return [features[i] for i in layers], preds
+
+
+def check_heads(teacher: nn.Module, student: nn.Module, weights: str | Path = "teacher", same_anchors: bool = True):
+    """Output distillation compares the two heads anchor by anchor: refuse (one UserError naming what differs and
+    the fix) a teacher with other classes, levels, anchors per level or strides, and, when same_anchors (the
+    objectness/class term: an anchor's scores mean "an object of this anchor's shape"), other anchor sizes. Box
+    distillation alone compares decoded boxes, so other anchor sizes are fine for it."""
+    t, s = teacher.model[-1], student.model[-1]
+    fix = (
+        "use a teacher trained on the same classes with the same head, or FGFI alone (--kd-weight 0 --box-kd-weight 0)"
+    )
+    for what, tv, sv in (
+        ("classes", t.nc, s.nc),
+        ("detection levels", t.nl, s.nl),
+        ("anchors per level", t.na, s.na),
+        ("strides", [float(x) for x in t.stride], [float(x) for x in s.stride]),
+    ):
+        if tv != sv:
+            raise UserError(f"--ft_weights {weights}: output distillation needs the student's head, but the teacher "
+                            f"has {what} {tv} and the student {sv}; {fix}")  # fmt: skip
+    if same_anchors:
+        ta, sa = (
+            t.anchors.float().cpu() * t.stride.view(-1, 1, 1).cpu(),
+            s.anchors.float().cpu() * s.stride.view(-1, 1, 1).cpu(),
+        )
+        if not torch.allclose(ta, sa, rtol=1e-2, atol=0.5):
+            raise UserError(
+                f"--ft_weights {weights}: --kd-weight compares objectness and class scores anchor by anchor, but the "
+                f"teacher's anchors (pixels) {ta.round().int().view(t.nl, -1).tolist()} differ from the student's "
+                f"{sa.round().int().view(s.nl, -1).tolist()} (AutoAnchor?); train the student with the teacher's "
+                "anchors (--noautoanchor and a model YAML with them), or use --box-kd-weight alone"
+            )

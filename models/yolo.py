@@ -204,63 +204,21 @@ class DetectionModel(nn.Module):
         return x, kept
 
     def _forward_imitation(self, x, target, imitation_layers, iou_factor, region="fgfi"):
-        from distill.mask import imitation_mask  # distill/ builds on the model, not the other way round
+        from distill.points import forward_imitation  # distill/ builds on the model, not the other way round
 
-        points = self.imitation_points(imitation_layers)
-        levels = self.imitation_levels(points)
-        preds, feats = self._run(x, keep=set(points))
-        anchors = self.model[-1].anchors
-        features, masks = [], []
-        for i, level in zip(points, levels):
-            f = feats[i]
-            mask = imitation_mask(target, anchors[level], (f.shape[0], f.shape[2], f.shape[3]), iou_factor, region)
-            features.append(f)
-            masks.append(mask.to(f.device).unsqueeze(1))
-        if imitation_layers is None or isinstance(imitation_layers, int):
-            return preds, features[0], masks[0]
-        return preds, features, masks
+        return forward_imitation(self, x, target, imitation_layers, iou_factor, region)
 
     def imitation_points(self, imitation_layers: int | list[int] | str | None = None) -> list[int]:
-        """Resolve imitation_layers to layer indices.
+        """Layer indices of imitation_layers (None: the default FGFI point, 'detect', indices): distill.points."""
+        from distill.points import imitation_points
 
-        None: the default FGFI point, the input of the layer that feeds Detect's first (highest resolution) input:
-        layer 16 (the stride-8 Concat) in yolov5s.yaml, layer 22 in the P6 models. 'detect': Detect's inputs.
-        An int or a list of ints: those layers.
-        """
-        detect_i = len(self.model) - 1
-        detect_from = [j % detect_i if j < 0 else j for j in _as_list(self.model[-1].f)]  # -1 -> detect_i - 1
-        if imitation_layers is None:
-            feeder = detect_from[0]
-            src = self.model[feeder].f
-            if not isinstance(src, int):  # feeder merges several layers: imitate the feeder itself
-                return [feeder]
-            return [src % feeder if src < 0 else src]
-        if isinstance(imitation_layers, str):
-            if imitation_layers.strip().lower() != "detect":
-                raise UserError(f"--imitation-layers '{imitation_layers}' is not valid: use 'detect' or layer indices")
-            return detect_from
-        layers = _as_list(imitation_layers)
-        for i in layers:
-            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < detect_i:
-                raise UserError(f"imitation layer {i!r} is not valid: use layer indices 0..{detect_i - 1}")
-        if not layers:
-            raise UserError("--imitation-layers is empty: give at least one layer index, or 'detect'")
-        return layers
+        return imitation_points(self, imitation_layers)
 
     def imitation_levels(self, points: list[int]) -> list[int]:
-        """For each layer index, the Detect level with the same stride (whose anchors make its mask)."""
-        strides = self.get_layer_strides()
-        detect_strides = [float(s) for s in self.model[-1].stride]
-        levels = []
-        for i in points:
-            hits = [k for k, s in enumerate(detect_strides) if strides[i] is not None and abs(s - strides[i]) < 1e-6]
-            if not hits:
-                raise UserError(
-                    f"imitation layer {i} has stride {strides[i]}, but the Detect levels have strides "
-                    f"{[_as_number(s) for s in detect_strides]}: pick layers at one of those strides"
-                )
-            levels.append(hits[0])
-        return levels
+        """For each layer index, the Detect level with the same stride: distill.points.imitation_levels."""
+        from distill.points import imitation_levels
+
+        return imitation_levels(self, points)
 
     def get_layer_strides(self) -> list:
         """Per-layer output strides (None for Detect); measured once with a dummy forward if not recorded at build."""

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from distill import Distiller, FeatureAdapters, feature_channels, imitation_loss, imitation_mask, teacher_features
-from distill.loss import SPARSE_MAX_SHARE, Adapter, gather_cells, masked_cells
+from distill.loss import Adapter
+from distill.sparse import SPARSE_MAX_SHARE, gather_cells, masked_cells
 from models.yolo import DetectionModel
 from utils.general import yaml_load
 from utils.loss import ComputeLoss

@@ -1,4 +1,4 @@
-"""The sparse adapter + imitation loss (distill.loss: masked_cells, gather_cells, neighbourhoods, Adapter(x, cells))
+"""The sparse adapter + imitation loss (distill.sparse: masked_cells, gather_cells, neighbourhoods, Adapter(x, cells))
 against the dense conv path: the same loss value and the same gradients for the student feature, the adapter weight
 and its bias; and the Distiller taking the sparse path by default with the dense path's losses and gradients."""
 
@@ -9,16 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from distill import Distiller
-from distill.loss import (
-    SPARSE_MAX_SHARE,
-    Adapter,
-    FeatureAdapters,
-    _CellConv,
-    gather_cells,
-    imitation_loss,
-    masked_cells,
-    neighbourhoods,
-)
+from distill.loss import Adapter, FeatureAdapters, imitation_loss
+from distill.sparse import SPARSE_MAX_SHARE, _CellConv, gather_cells, masked_cells, neighbourhoods
 from models.yolo import DetectionModel
 from utils.general import yaml_load
 from utils.loss import ComputeLoss

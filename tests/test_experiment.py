@@ -48,7 +48,7 @@ def test_seeds_train_each_arm_per_seed_with_mean_std_and_gain(tmp_path, tiny_dat
         assert summary.loc["fgfi", "gap_closed"] == pytest.approx(expected)
     assert summary.loc["student", "gain50_95"] == 0
     report = (tmp_path / "results.md").read_text()
-    assert "FGFI changes the student's mAP50-95" in report and "teacher-student gap" in report
+    assert "fgfi changes the student's mAP50-95" in report and "teacher-student gap" in report
     assert (tmp_path / "map_curve.png").stat().st_size > 0 and not (tmp_path / "ablation.png").exists()
 
     # a second call with the same settings reuses the finished runs instead of training them again
@@ -69,7 +69,9 @@ def test_ablation_trains_every_region_level_psi_and_weight(tmp_path, tiny_data):
         "fgfi": ("fgfi", "default", 0.5, 0.01),
         "gtbox": ("gtbox", "default", 0.5, 0.01),
         "full": ("full", "default", 0.5, 0.01),
-        "fgfi-3levels": ("fgfi", "detect", 0.5, 0.01),
+        "fgfi-3levels-sum": ("fgfi", "detect", 0.5, 0.01),
+        "fgfi-3levels-mean": ("fgfi", "detect", 0.5, 0.01),
+        "fgfi-3levels-channel": ("fgfi", "detect", 0.5, 0.01),
         "fgfi-psi0.3": ("fgfi", "default", 0.3, 0.01),
         "fgfi-psi0.7": ("fgfi", "default", 0.7, 0.01),
         "fgfi-w0.003": ("fgfi", "default", 0.5, 0.003),
@@ -79,6 +81,20 @@ def test_ablation_trains_every_region_level_psi_and_weight(tmp_path, tiny_data):
         opt = yaml.safe_load((tmp_path / f"{arm}-seed0/opt.yaml").read_text())
         assert (opt["imitation_region"], opt["imitation_layers"], opt["iou_factor"]) == (region, layers, psi), arm
         assert opt["imitation_weight"] == pytest.approx(weight), arm
+        assert opt["kd_weight"] == opt["box_kd_weight"] == 0, arm
+    for arm in ("sum", "mean", "channel"):
+        assert yaml.safe_load((tmp_path / f"fgfi-3levels-{arm}-seed0/opt.yaml").read_text())["imitation_reduce"] == arm
+    kd, box = experiment.KD["kd_weight"], experiment.KD["box_kd_weight"]
+    for arm, weights in {
+        "kd": (0, kd, box), "fgfi+kd": (0.01, kd, box), "kd-cls": (0, kd, 0), "kd-box": (0, 0, box)
+    }.items():  # fmt: skip
+        opt = yaml.safe_load((tmp_path / f"{arm}-seed0/opt.yaml").read_text())
+        assert (opt["imitation_weight"], opt["kd_weight"], opt["box_kd_weight"]) == pytest.approx(weights), arm
+        columns = pd.read_csv(tmp_path / f"{arm}-seed0/results.csv", nrows=0).columns.str.strip()
+        names = [n for n, w in zip(("imitation", "kd", "box_kd"), weights) if w]
+        assert [c for c in columns if c.startswith("train/") and c[6:-5] not in ("box", "obj", "cls")] == [
+            f"train/{n}_loss" for n in names
+        ], arm  # each term switched on is its own column, and only those
     summary = pd.read_csv(tmp_path / "summary.csv")
     assert list(summary["arm"]) == ["teacher", *experiment.ARMS]
     assert (tmp_path / "ablation.png").stat().st_size > 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pandas as pd
 import pytest
 import torch
@@ -9,7 +11,7 @@ import torch
 import distill.distiller
 import train
 import val
-from distill.loss import SPARSE_MAX_SHARE
+from distill.sparse import SPARSE_MAX_SHARE
 from models.yolo import DetectionModel
 from utils.checkpoint import attempt_load, load_checkpoint
 from utils.general import UserError
@@ -161,3 +163,37 @@ def test_bad_flags_give_one_line_errors(tmp_path, tiny_data):
         )
     with pytest.raises(UserError, match="--imitation-layers"):
         train.parse_imitation_layers("sixteen")
+
+
+def test_output_distillation_end_to_end_and_resume(tmp_path, tiny_data, monkeypatch):
+    """--kd-weight and --box-kd-weight beside FGFI: their own columns, the teacher's anchors on the student (AutoAnchor
+    skipped at 96 px, where it would move them), the settings back on --resume, a stripped final checkpoint. The
+    shipped teacher (trained on this data): a random one is confident nowhere, so its box term would be 0."""
+    teacher_pt = Path(__file__).resolve().parents[1] / "weights/yolov5s-synthetic.pt"
+    _interrupt_after_first_epoch(monkeypatch)
+    kwargs = dict(data=str(tiny_data), cfg="yolov5n.yaml", ft_weights=str(teacher_pt), project=str(tmp_path))
+    with pytest.raises(_Interrupt):
+        train.run(epochs=2, name="kd", kd_weight=0.5, box_kd_weight=0.05, kd_temperature=2.0, **kwargs, **COMMON)
+    last = tmp_path / "kd/weights/last.pt"
+    state = load_checkpoint(last)["distill"]
+    assert (state["kd_weight"], state["box_kd_weight"], state["kd_temperature"]) == (0.5, 0.05, 2.0)
+    teacher = attempt_load(teacher_pt)
+    assert torch.equal(load_checkpoint(last)["model"].model[-1].anchors.float(), teacher.model[-1].anchors.float())
+
+    monkeypatch.setattr(train.validate, "run", val.run)
+    weights = []
+    real_init = distill.distiller.Distiller.__init__
+
+    def recording_init(self, *args, **kw):
+        real_init(self, *args, **kw)
+        weights.append((dict(self.loss_weights), self.kd_temperature))
+
+    monkeypatch.setattr(distill.distiller.Distiller, "__init__", recording_init)
+    train.run(resume=str(last))
+    assert weights == [({"imitation": 0.01, "kd": 0.5, "box_kd": 0.05}, 2.0)]  # the run's terms, from the checkpoint
+    df = _results(tmp_path / "kd")
+    assert list(df["epoch"]) == [0, 1]
+    for name in ("imitation", "kd", "box_kd"):
+        assert (df[f"train/{name}_loss"] > 0).all(), name
+        assert f"val/{name}_loss" not in df.columns
+    assert "distill" not in load_checkpoint(last)

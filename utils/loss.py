@@ -1,17 +1,16 @@
-"""YOLOv5 training loss: box (CIoU), objectness and class BCE, plus the optional FGFI imitation term.
+"""YOLOv5 training loss: box (CIoU), objectness and class BCE, plus the distillation terms a run switches on.
 
 The terms come back as a named dict so that logs, progress bars and results.csv columns follow its keys
-(`ComputeLoss.names`), and adding the imitation term changes no hard-coded list anywhere else.
+(`ComputeLoss.names`); the distillation terms (FGFI imitation, output distillation, ...) come from the table in
+distill/terms.py, so adding one changes no hard-coded list anywhere else.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 import torch.nn as nn
 
-from distill.loss import imitation_loss
+from distill.terms import TERMS
 from utils.metrics import bbox_iou
 from utils.torch_utils import de_parallel
 
@@ -69,11 +68,20 @@ class ComputeLoss:
             target/anchor side ratio), fl_gamma (focal loss when > 0), label_smoothing (optional).
         autobalance: adapt the per-level objectness weights during training (YOLOv5's option, off by default).
         imitation_weight: weight of the FGFI imitation term; None leaves the term out of the loss and its items.
+        distill_weights: {term name: weight} of the distillation terms to add (distill.terms.TERMS; imitation_weight
+            is the same as {"imitation": imitation_weight}); a term not named is out of the loss and its items.
     """
 
     sort_obj_iou = False  # YOLOv5 default: no sorting, so overlapping targets in a cell write in target order
 
-    def __init__(self, model: nn.Module, hyp: dict, autobalance: bool = False, imitation_weight: float | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        hyp: dict,
+        autobalance: bool = False,
+        imitation_weight: float | None = None,
+        distill_weights: dict[str, float] | None = None,
+    ):
         device = next(model.parameters()).device
         h = hyp
         BCEcls = nn.BCEWithLogitsLoss(pos_weight=torch.tensor([h["cls_pw"]], device=device))
@@ -91,34 +99,44 @@ class ComputeLoss:
         self.na, self.nc, self.nl = m.na, m.nc, m.nl
         self.anchors = m.anchors  # [nl, na, 2] grid cells; shared with Detect, so AutoAnchor updates reach us
         self.device = device
-        self.imitation_weight = imitation_weight
+        weights = dict(distill_weights or {})
+        if imitation_weight is not None:
+            weights["imitation"] = imitation_weight
+        unknown = set(weights) - set(TERMS)
+        if unknown:
+            raise ValueError(f"ComputeLoss: unknown distillation terms {sorted(unknown)}; known: {list(TERMS)}")
+        self.distill_weights = {k: float(weights[k]) for k in TERMS if k in weights}  # in the table's order
+
+    detection_names = ("box", "obj", "cls")
+
+    @property
+    def imitation_weight(self) -> float | None:
+        return self.distill_weights.get("imitation")
 
     @property
     def names(self) -> tuple[str, ...]:
-        """Keys of the loss items, in logging order."""
-        return ("box", "obj", "cls") + (() if self.imitation_weight is None else ("imitation",))
+        """Keys of the loss items, in logging order: YOLOv5's three, then the distillation terms switched on."""
+        return self.detection_names + tuple(self.distill_weights)
 
     def __call__(
         self,
         p: list[torch.Tensor],
         targets: torch.Tensor,
-        teacher: torch.Tensor | Sequence[torch.Tensor] | None = None,
-        student: torch.Tensor | Sequence[torch.Tensor] | None = None,
-        mask: torch.Tensor | Sequence[torch.Tensor] | None = None,
+        **distill,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss of one batch.
 
         Args:
             p: per level [B, na, H, W, 5 + nc] raw outputs (xy, wh, obj, classes; logits).
             targets: [n, 6] (image index, class, x, y, w, h), xywh normalized to the image, on self.device.
-            teacher, student: imitated features [B, C, H, W] (student already through its adapter), or [N, C] at the
-                N masked cells only (the sparse path, Distiller), or equal-length lists of them, one per imitation
-                point; ignored when imitation_weight is None.
-            mask: imitation mask [B, 1, H, W] (0/1) matching each feature, or a list; None imitates every location;
-                not read for [N, C] features.
+            distill: the distillation terms' inputs (Distiller's second output; distill/terms.py lists them), e.g.
+                teacher, student: imitated features [B, C, H, W] (student already through its adapter), or [N, C]
+                at the N masked cells only (the sparse path), or equal-length lists of them, one per imitation
+                point; mask: imitation mask [B, 1, H, W] (0/1) matching each feature, or a list; teacher_preds: the
+                teacher's raw outputs. A term whose inputs are missing is 0 (validation).
 
         Returns:
-            loss: 0-dim, (box + obj + cls [+ imitation]) * B, each term already weighted by its gain.
+            loss: 0-dim, (box + obj + cls + distillation terms) * B, each term already weighted by its gain.
             items: name -> detached 0-dim weighted term (see `names`).
         """
         zero = torch.zeros((), device=self.device)
@@ -158,25 +176,12 @@ class ComputeLoss:
         if self.autobalance:
             self.balance = [x / self.balance[self.ssi] for x in self.balance]
         items = {"box": lbox * self.hyp["box"], "obj": lobj * self.hyp["obj"], "cls": lcls * self.hyp["cls"]}
-        if self.imitation_weight is not None:
-            items["imitation"] = self.imitation_weight * self.imitation(teacher, student, mask)
+        if self.distill_weights:
+            inputs = dict(preds=p, anchors=self.anchors, balance=self.balance, **distill)
+            for name, weight in self.distill_weights.items():
+                items[name] = weight * TERMS[name].loss(**inputs).to(self.device)
         bs = p[0].shape[0]
         return sum(items.values()) * bs, {k: v.detach() for k, v in items.items()}
-
-    def imitation(self, teacher, student, mask) -> torch.Tensor:
-        """Unweighted imitation loss summed over imitation points; 0 when no teacher/student features are given."""
-        if teacher is None or student is None:
-            return torch.zeros((), device=self.device)
-        if isinstance(student, torch.Tensor):
-            teacher, student, mask = [teacher], [student], [mask]
-        elif mask is None:
-            mask = [None] * len(student)
-        if not len(teacher) == len(student) == len(mask):
-            raise ValueError(f"imitation: {len(student)} student, {len(teacher)} teacher and {len(mask)} mask features")
-        total = torch.zeros((), device=self.device)
-        for s, t, m in zip(student, teacher, mask):
-            total = total + imitation_loss(s, t, m)
-        return total
 
     def build_targets(self, p: list[torch.Tensor], targets: torch.Tensor):
         """Assign each target to anchors and grid cells on every level (YOLOv5 rule).

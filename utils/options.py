@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from distill import Distiller, check_settings, parse_imitation_layers
+from distill.terms import TERMS
 from utils.checkpoint import load_checkpoint, remove_stale_tmp
 from utils.general import ROOT, UserError, check_file, yaml_load
 
@@ -25,8 +26,23 @@ def check_train_options(opt: argparse.Namespace) -> None:
     opt.imitation_region = getattr(opt, "imitation_region", "fgfi")  # opt.yaml of runs older than the flag
     opt.adapter_kernel = int(getattr(opt, "adapter_kernel", 3))
     parse_imitation_layers(getattr(opt, "imitation_layers", None))
+    opt.imitation_reduce = getattr(opt, "imitation_reduce", "sum")  # runs older than the flag summed their layers
+    weights = {name: getattr(opt, f"{name}_weight", None) for name in TERMS if name != "imitation"}
+    temperature = getattr(opt, "kd_temperature", None)
     if opt.ft_weights:
-        check_settings(opt.iou_factor, opt.imitation_region, opt.imitation_weight, opt.adapter_kernel)
+        check_settings(
+            opt.iou_factor,
+            opt.imitation_region,
+            opt.imitation_weight,
+            opt.adapter_kernel,
+            weights,
+            temperature,
+            opt.imitation_reduce,
+        )
+    else:
+        given = [f"--{name.replace('_', '-')}-weight" for name, w in weights.items() if w]
+        if given:
+            raise UserError(f"{', '.join(given)}: output distillation needs a teacher: add --ft_weights teacher.pt")
 
 
 def resume_options(opt: argparse.Namespace, defaults: argparse.Namespace) -> argparse.Namespace:

@@ -10,18 +10,20 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from distill.terms import TERMS
+
 METRIC_KEYS = ["metrics/precision", "metrics/recall", "metrics/mAP_0.5", "metrics/mAP_0.5:0.95"]
 
 
 def results_row(loss_names, train_losses, results, lrs) -> dict:
-    """One epoch's columns: train/{name}_loss, the four metrics, val/{name}_loss (detection terms), x/lr{group}.
+    """One epoch's columns: train/{name}_loss, the four metrics, val/{name}_loss (detection terms only: validation has no teacher), x/lr{group}.
 
     train_losses: mean training loss terms in loss_names order; results: (P, R, mAP50, mAP50-95, *val losses) from
     val.run; lrs: the learning rate of each optimizer group (x/lr0-2 YOLOv5's, x/lr3-4 the FGFI adapters').
     """
     row = {f"train/{k}_loss": float(v) for k, v in zip(loss_names, train_losses)}
     row.update(dict(zip(METRIC_KEYS, (float(x) for x in results[:4]))))
-    row.update({f"val/{k}_loss": float(v) for k, v in zip(loss_names, results[4:]) if k != "imitation"})
+    row.update({f"val/{k}_loss": float(v) for k, v in zip(loss_names, results[4:]) if k not in TERMS})
     row.update({f"x/lr{j}": float(x) for j, x in enumerate(lrs)})
     return row
 

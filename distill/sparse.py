@@ -1,0 +1,137 @@
+"""The sparse adapter: FGFI's adapter conv evaluated at the masked cells only.
+
+The loss (distill/loss.py imitation_loss) reads the adapted feature only where I = 1, typically a quarter of the cells or fewer, but
+a dense conv computes it everywhere (on CPU the 3x3 adapter alone cost ~40% of a yolov5n training step). So where the
+masked share of a level is below SPARSE_MAX_SHARE, the adapter runs on the masked cells alone: masked_cells lists
+them (the step's one host sync, for their count), Adapter(x, cells) -> sparse_conv gathers each cell's k x k
+neighbourhood of the student feature (zeros beyond the border, as the conv's padding) as a row of k * k * C_s values
+and multiplies the rows by the conv weight as a [C_t, k * k * C_s] matrix, and gather_cells picks the teacher feature
+at the same cells; imitation_loss of the two [N, C_t] matrices is the dense value, and the gradients reaching the
+student feature, the weight and the bias are the dense path's, to float32 rounding (tests/test_distill_sparse.py).
+On CPU (float32) _CellConv does the same in chunks of cells, with the products run by oneDNN; elsewhere (CUDA,
+autocast) it is the plain autograd composition.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# Sparse adapter when a level's masked share is below this, dense conv otherwise. Measured on CPU (2-core AMD EPYC,
+# 3x3 adapter 128 -> 256 channels on a [16, 40, 40] map; benchmarks/RESULTS.md, two sweeps): the sparse path costs
+# 0.42-0.47 of the dense conv at 30% of the cells, 0.82-0.84 at 60%, and breaks even at 79-85%. Re-measure on other
+# hardware with python benchmarks/bench_train_step.py --sweep (no GPU has been measured).
+SPARSE_MAX_SHARE = 0.75
+
+
+def masked_cells(masks: list[torch.Tensor], max_share: float = SPARSE_MAX_SHARE) -> list[torch.Tensor | None]:
+    """The cells each level imitates, for the sparse path: [N] int64 indices into the flattened [B, H, W] mask
+    (b * H * W + y * W + x), in that order; None for a level whose masked share is max_share or more (the dense conv
+    is cheaper there). masks: [B, 1, H, W] or [B, H, W] 0/1 per level.
+
+    Reads the levels' masked-cell counts in one host sync (the only one the distillation step adds).
+    """
+    counts = torch.stack([m.count_nonzero() for m in masks]).tolist() if masks else []
+    return [
+        torch.nonzero_static(m.flatten(), size=n).squeeze(1) if n < max_share * m.numel() else None
+        for m, n in zip(masks, counts)
+    ]
+
+
+def gather_cells(x: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] feature at the given cells -> [N, C]; cells: [N] indices into [B, H, W] (masked_cells)."""
+    hw = x.shape[2] * x.shape[3]
+    return x.flatten(2)[cells // hw, :, cells % hw]
+
+
+def neighbourhoods(x: torch.Tensor, cells: torch.Tensor, k: int) -> torch.Tensor:
+    """Each cell's k x k neighbourhood of a [B, C, H, W] feature as one row: [N, k * k * C], ordered (dy, dx, c).
+
+    Beyond the border it reads zeros, as a conv with padding k // 2 does. Backward scatters into the feature.
+    """
+    return _gather_rows(_padded_rows(x, k), _neighbour_index(x.shape, cells, k))
+
+
+def _padded_rows(x: torch.Tensor, k: int) -> torch.Tensor:
+    """[B, C, H, W] -> [B * (H + 2r) * (W + 2r), C]: channels last, zero-padded by r = k // 2 on every side."""
+    r = k // 2
+    return F.pad(x.permute(0, 2, 3, 1), (0, 0, r, r, r, r)).reshape(-1, x.shape[1])
+
+
+def _neighbour_index(shape: torch.Size, cells: torch.Tensor, k: int) -> torch.Tensor:
+    """[N, k * k] rows of _padded_rows(x, k) that form each cell's neighbourhood, ordered (dy, dx)."""
+    _, _, h, w = shape
+    hp, wp = h + k - 1, w + k - 1
+    # the neighbourhood's top-left corner in the padded map is the cell itself in unpadded coordinates
+    corner = (cells // (h * w) * hp + cells // w % h) * wp + cells % w
+    offsets = (torch.arange(k, device=cells.device)[:, None] * wp + torch.arange(k, device=cells.device)).flatten()
+    return corner[:, None] + offsets
+
+
+def _gather_rows(padded: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The neighbourhood rows `index` [N, k * k] names in `padded` [*, C], each flattened: [N, k * k * C]."""
+    return padded.index_select(0, index.flatten()).view(len(index), index.shape[1] * padded.shape[1])
+
+
+def _weight_matrix(weight: torch.Tensor) -> torch.Tensor:
+    """Conv weight [O, C, k, k] -> [O, k * k * C], ordered (dy, dx, c) as the neighbourhood rows."""
+    return weight.permute(0, 2, 3, 1).reshape(len(weight), -1)
+
+
+def sparse_conv(x: torch.Tensor, cells: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """F.conv2d(x, weight, bias, padding=k // 2) at the given cells only: [B, C, H, W] -> [N, O] (cells: [N] indices
+    into [B, H, W]; weight [O, C, k, k]). Gradients reach x, weight and bias as the dense conv's would.
+
+    float32 on CPU runs _CellConv (chunked, matmuls as oneDNN 1x1 convs); anything else (CUDA, autocast, float64)
+    the plain autograd composition of neighbourhoods and F.linear.
+    """
+    if x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and len(cells):
+        return _CellConv.apply(x, cells, weight, bias)
+    rows = neighbourhoods(x, cells, weight.shape[-1])
+    return F.linear(rows, _weight_matrix(weight).to(rows.dtype), None if bias is None else bias.to(rows.dtype))
+
+
+def _conv_matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """a [M, K] @ b [O, K]^T (+ bias) as a 1x1 conv over channels_last views of the two row-major matrices: on CPU
+    oneDNN runs it, measured 2.4x faster than the BLAS matmul behind F.linear on the AVX-512 AMD EPYC of
+    benchmarks/RESULTS.md (a weight gradient, G^T @ rows, was no faster this way and stays a matmul)."""
+    m, k = a.shape
+    a, b = a.contiguous(), b.contiguous()
+    out = F.conv2d(a.view(1, m, 1, k).permute(0, 3, 1, 2), b.view(len(b), 1, 1, k).permute(0, 3, 1, 2), bias)
+    return out.permute(0, 2, 3, 1).reshape(m, len(b))
+
+
+class _CellConv(torch.autograd.Function):
+    """sparse_conv for float32 on CPU, in chunks of cells: no [N, k * k * C] matrix is ever held (backward gathers
+    the neighbourhoods again, chunk by chunk), so the step allocates no block large enough for the C allocator to
+    map it fresh from the OS (and page-fault it in) every step."""
+
+    CHUNK = 2048  # cells per chunk: [2048, 1152] float32 rows = 9.4 MB for the 3x3 adapter of yolov5n
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cells: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+        k = weight.shape[-1]
+        padded, index = _padded_rows(x, k), _neighbour_index(x.shape, cells, k)
+        matrix = _weight_matrix(weight)
+        out = torch.cat(
+            [_conv_matmul(_gather_rows(padded, rows), matrix, bias) for rows in index.split(_CellConv.CHUNK)]
+        )
+        ctx.save_for_backward(padded, index, matrix)
+        ctx.x_shape, ctx.k, ctx.has_bias = x.shape, k, bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        padded, index, matrix = ctx.saved_tensors
+        (b, c, h, w), k = ctx.x_shape, ctx.k
+        grad = grad.contiguous()
+        grad_padded, grad_matrix = torch.zeros_like(padded), torch.zeros_like(matrix)
+        matrix_t = matrix.t().contiguous()
+        for rows, g in zip(index.split(_CellConv.CHUNK), grad.split(_CellConv.CHUNK)):
+            grad_matrix.addmm_(g.t(), _gather_rows(padded, rows))
+            grad_padded.index_add_(0, rows.flatten(), _conv_matmul(g, matrix_t).view(rows.numel(), c))
+        r = k // 2
+        grad_x = grad_padded.view(b, h + 2 * r, w + 2 * r, c)[:, r : r + h, r : r + w].permute(0, 3, 1, 2)
+        grad_weight = grad_matrix.view(-1, k, k, c).permute(0, 3, 1, 2)
+        grad_bias = grad.sum(0) if ctx.has_bias else None
+        return grad_x, None, grad_weight, grad_bias

@@ -1,0 +1,236 @@
+"""The distillation terms, as one table: each a small loss function with its weight key and its log name.
+
+ComputeLoss (utils/loss.py) adds weight * term.loss(**inputs) for every term a run switches on, beside YOLOv5's box,
+objectness and class losses; train.py takes each term's flag (--{name}-weight), hyp-file key ({name}) and default
+from the table; results.csv columns (train/{name}_loss) and progress-bar fields follow the loss dict's keys. A new
+term is one entry in TERMS and touches nothing else.
+
+The inputs every term receives (keyword arguments; a term reads what it needs and ignores the rest, **_):
+    preds: the student's raw head outputs, per level [B, na, H, W, 5 + nc] (x, y, w, h, objectness, classes; logits)
+    anchors: the student's anchors [nl, na, 2], in grid cells of each level
+    balance: YOLOv5's objectness weight per level ([4.0, 1.0, 0.4] for P3-P5)
+    student, teacher, mask: FGFI's adapted student features, teacher features and imitation masks, one per imitated
+        layer (Distiller; see imitation_term), and level_weights, how the imitated layers' terms are combined
+    teacher_preds, teacher_anchors: the teacher's raw head outputs and anchors, of the student's shapes (only when an
+        output term is on: the teacher then runs its whole forward)
+    temperature: the output terms' softening temperature T (--kd-temperature)
+A term whose inputs are absent (validation: no teacher) is 0.
+
+Output distillation follows Mehta & Ozturk (2018, "Object detection at 200 Frames Per Second"): the teacher's class and
+box predictions count in proportion to its objectness, so the dense background teaches "no object" through
+objectness alone and does not swamp the class and box terms; and LD (Zheng et al., CVPR 2022), which finds that
+distilling the head's outputs adds to feature imitation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from distill.loss import imitation_loss
+from utils.metrics import bbox_iou
+
+
+@dataclass(frozen=True)
+class Term:
+    """One distillation term.
+
+    name: loss-dict key, hyp-file key of its weight, results.csv column train/{name}_loss, flag --{name}-weight
+    loss: loss(**inputs) -> unweighted 0-dim float32 loss (inputs: see the module docstring)
+    default: weight when neither the flag nor the hyp file gives one (0: off)
+    outputs: reads the teacher's head outputs (its whole forward runs), not only its features
+    label: progress-bar field ({label}_loss, at most 6 characters)
+    help: the flag's help text
+    """
+
+    name: str
+    loss: Callable[..., torch.Tensor]
+    default: float
+    outputs: bool
+    label: str
+    help: str
+
+
+def imitation_term(
+    student=None, teacher=None, mask=None, level_weights: Sequence[float] | None = None, **_
+) -> torch.Tensor:
+    """FGFI: imitation_loss per imitated layer, combined as sum_l level_weights[l] * L_l (None: a plain sum).
+
+    student, teacher: [B, C_t, h, w] maps (student through its adapter) or [N, C_t] at the N masked cells (the
+    sparse path), or equal-length lists of them, one per imitated layer; mask: [B, 1, h, w] 0/1 or a list of them
+    (None imitates every cell; not read for [N, C] inputs). See level_weights for the weights.
+    """
+    if student is None or teacher is None:
+        return _zero(student, teacher)
+    if isinstance(student, torch.Tensor):
+        teacher, student, mask = [teacher], [student], [mask]
+    elif mask is None:
+        mask = [None] * len(student)
+    if not len(teacher) == len(student) == len(mask):
+        raise ValueError(f"imitation: {len(student)} student, {len(teacher)} teacher and {len(mask)} mask features")
+    weights = [1.0] * len(student) if level_weights is None else list(level_weights)
+    if len(weights) != len(student):
+        raise ValueError(f"imitation: {len(weights)} level weights for {len(student)} imitated layers")
+    total = torch.zeros((), device=student[0].device)
+    for s, t, m, w in zip(student, teacher, mask, weights):
+        total = total + w * imitation_loss(s, t, m)
+    return total
+
+
+REDUCTIONS = ("sum", "mean", "channel")
+DEFAULT_REDUCTION = "mean"  # measured: README, "Several imitated layers"
+
+
+def level_weights(channels: Sequence[int], reduction: str) -> list[float]:
+    """Weights of the imitated layers' terms, from the teacher's channel counts C_l at those layers.
+
+    sum: 1 each (the summed loss of earlier versions); mean: 1 / L; channel: (1 / C_l) / sum_k (1 / C_k), a mean in
+    which each layer counts per channel (a layer's term grows with its channel count, so under 'sum' the widest layer
+    dominates). Every reduction gives weight 1 to a single layer: the default FGFI term is the paper's, unchanged.
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"level_weights: reduction {reduction!r} is not one of {REDUCTIONS}")
+    if reduction == "sum":
+        return [1.0] * len(channels)
+    if reduction == "mean":
+        return [1.0 / len(channels)] * len(channels)
+    inverse = [1.0 / c for c in channels]
+    return [x / sum(inverse) for x in inverse]
+
+
+def kd_term(
+    preds=None, teacher_preds=None, balance: Sequence[float] | None = None, temperature: float = 1.0, **_
+) -> torch.Tensor:
+    """Objectness and class distillation: the student's logits learn the teacher's probabilities as soft targets.
+
+    Per level l, with s, t the student's and teacher's raw outputs [B, na, H, W, 5 + nc] (same anchors, cell by
+    cell), T the temperature, p = sigmoid(t / T), q = sigmoid(s / T) and KL(p || q) the Bernoulli KL divergence
+    (= BCE(s / T, p) - BCE(t / T, p): the soft-target BCE YOLOv5 trains its outputs with, minus the teacher's
+    entropy, so the same gradients and exactly 0 where the student matches):
+
+        objectness: sum_l balance[l] * mean over every anchor of every cell of KL(p_obj || q_obj)
+            Every cell and anchor counts: background cells, where the teacher sees nothing, teach "no object".
+        class:      sum_l sum_{b,a,y,x} w * mean_c KL(p_c || q_c)  /  max(sum_l sum w, 1),  w = sigmoid(t_obj)
+            Objectness-scaled (Mehta & Ozturk 2018): an anchor counts in proportion to the teacher's (untempered)
+            objectness, so background cells do not push class scores around; the floor 1 makes the class part 0,
+            never NaN, where the teacher sees nothing. A single class has no class part (as YOLOv5's class loss).
+
+    Returns T^2 * (objectness + class) (Hinton et al.: keeps the gradients' scale as T changes), float32.
+    """
+    if preds is None or teacher_preds is None:
+        return _zero(preds, teacher_preds)
+    balance = [1.0] * len(preds) if balance is None else balance
+    with torch.autocast(device_type=preds[0].device.type, enabled=False):
+        obj, cls_sum, weight_sum = _zero(preds), _zero(preds), _zero(preds)
+        for s, t, gain in zip(preds, teacher_preds, balance):
+            s, t = s.float(), t.detach().float()
+            obj = obj + gain * _bernoulli_kl(s[..., 4] / temperature, t[..., 4] / temperature).mean()
+            if s.shape[-1] > 6:  # nc > 1
+                w = t[..., 4].sigmoid()
+                kl = _bernoulli_kl(s[..., 5:] / temperature, t[..., 5:] / temperature).mean(-1)
+                cls_sum, weight_sum = cls_sum + (w * kl).sum(), weight_sum + w.sum()
+        return temperature**2 * (obj + cls_sum / weight_sum.clamp(min=1))
+
+
+# The teacher's objectness below which an anchor's box is not distilled (box_kd_term); above it the anchor counts in
+# proportion to that objectness.
+BOX_KD_MIN_OBJ = 0.1
+
+
+def box_kd_term(
+    preds=None, anchors=None, teacher_preds=None, teacher_anchors=None, min_obj: float = BOX_KD_MIN_OBJ, **_
+) -> torch.Tensor:
+    """Box distillation: where the teacher is confident, the student's decoded box learns the teacher's.
+
+    Each anchor of each cell is decoded as YOLOv5's box loss decodes it, in grid cells of its level relative to the
+    cell's corner: xy = 2 * sigmoid(t_xy) - 0.5, wh = (2 * sigmoid(t_wh))^2 * anchor, the student with its own
+    anchors and the teacher with its own (so anchors that differ, e.g. after AutoAnchor, are compared as absolute
+    boxes). With w = p * [p > min_obj], p = sigmoid(teacher objectness),
+
+        box_kd = sum_l sum_{b,a,y,x} w * (1 - CIoU(student box, teacher box))  /  max(sum w, 1)
+
+    CIoU as YOLOv5's box loss. Background anchors (p <= min_obj) do not count: at the image sizes used here the
+    thousands of cells at p ~ 0.01 would otherwise outweigh the objects. 0 where the teacher sees nothing.
+    """
+    if preds is None or teacher_preds is None or anchors is None or teacher_anchors is None:
+        return _zero(preds, teacher_preds)
+    with torch.autocast(device_type=preds[0].device.type, enabled=False):
+        total, weight_sum = _zero(preds), _zero(preds)
+        for s, t, a_s, a_t in zip(preds, teacher_preds, anchors, teacher_anchors):
+            s, t = s.float(), t.detach().float()
+            p = t[..., 4].sigmoid()
+            w = p * (p > min_obj)
+            # CIoU in float64: in float32 1 + 1e-7 == 1, so a student box equal to the teacher's (a student started
+            # from the teacher) makes CIoU's alpha 0 / 0 = NaN; the boxes are a small tensor beside the network
+            boxes = _decode(s, a_s).double(), _decode(t, a_t.to(t)).double()
+            iou = bbox_iou(*boxes, CIoU=True).squeeze(-1).float()
+            total, weight_sum = total + (w * (1.0 - iou)).sum(), weight_sum + w.sum()
+        return total / weight_sum.clamp(min=1)
+
+
+def _decode(x: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+    """[B, na, H, W, 5 + nc] raw outputs -> [B, na, H, W, 4] boxes (x, y offsets from the cell corner, w, h) in grid
+    cells; anchors [na, 2] in grid cells of this level."""
+    xy = x[..., :2].sigmoid() * 2 - 0.5
+    wh = (x[..., 2:4].sigmoid() * 2) ** 2 * anchors.view(1, -1, 1, 1, 2).float()
+    return torch.cat((xy, wh), -1)
+
+
+def _bernoulli_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Elementwise KL(sigmoid(teacher) || sigmoid(student)) of Bernoulli outputs, from logits (stable)."""
+    p = teacher_logits.sigmoid()
+    return F.binary_cross_entropy_with_logits(student_logits, p, reduction="none") - F.binary_cross_entropy_with_logits(
+        teacher_logits, p, reduction="none"
+    )
+
+
+def _zero(*refs) -> torch.Tensor:
+    """A 0-dim float32 zero on the device of the first tensor found in refs (lists searched too)."""
+    for r in refs:
+        r = r[0] if isinstance(r, (list, tuple)) and r else r
+        if isinstance(r, torch.Tensor):
+            return torch.zeros((), device=r.device)
+    return torch.zeros(())
+
+
+TERMS: dict[str, Term] = {
+    t.name: t
+    for t in (
+        Term(
+            "imitation", imitation_term, 0.01, False, "imit",
+            "FGFI imitation loss gain (default: hyp 'imitation', 0.01 as in the paper)",
+        ),
+        Term(
+            "kd", kd_term, 0.0, True, "kd",
+            "objectness + class output distillation gain, objectness-scaled (default: hyp 'kd', 0 = off; start "
+            "from 1.0, see README)",
+        ),
+        Term(
+            "box_kd", box_kd_term, 0.0, True, "boxkd",
+            "box output distillation gain, where the teacher is confident (default: hyp 'box_kd', 0 = off; start "
+            "from 0.05, see README)",
+        ),
+    )
+}  # fmt: skip
+
+
+def term_weights(given: dict[str, float | None], hyp: dict) -> dict[str, float]:
+    """Each term's weight: the flag's value (given[name], None when not set), else the hyp file's, else the default."""
+    weights = {}
+    for name, term in TERMS.items():
+        value = given.get(name)
+        weights[name] = float(hyp.get(name, term.default) if value is None else value)
+    return weights
+
+
+def check_weight(name: str, value: float | None) -> None:
+    """--{name}-weight must be a finite number >= 0 (None: not chosen yet)."""
+    from utils.general import UserError
+
+    if value is not None and not (math.isfinite(value) and value >= 0):
+        raise UserError(f"--{name.replace('_', '-')}-weight {value}: must be a finite number >= 0")

@@ -1,0 +1,345 @@
+"""distill/terms.py: the output distillation terms against independent per-anchor float64 computations, their edge
+cases (a teacher that sees nothing, gradients), the head checks, the multi-level reduction, and the table itself
+(a term added in a test becomes a results.csv column without touching train.py)."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+import train
+from distill import Distiller, check_heads
+from distill.loss import imitation_loss
+from distill.terms import TERMS, Term, box_kd_term, imitation_term, kd_term, level_weights
+from models.yolo import DetectionModel
+from utils.general import UserError, yaml_load
+from utils.loss import ComputeLoss
+
+HYP = "data/hyps/hyp.scratch-low.yaml"
+SHAPES = [(3, 4), (2, 2)]  # two levels, non-square
+
+
+def random_outputs(seed: int, nc: int = 3, na: int = 2, b: int = 2, shapes=SHAPES, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, na, h, w, 5 + nc, generator=gen, dtype=dtype) * 2 for h, w in shapes]
+
+
+def sigmoid(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+def bernoulli_kl(p: float, q: float) -> float:
+    return p * math.log(p / q) + (1 - p) * math.log((1 - p) / (1 - q))
+
+
+def ref_kd(student, teacher, balance, temperature):
+    """The kd term anchor by anchor, in plain Python floats."""
+    obj, cls_num, cls_den = 0.0, 0.0, 0.0
+    for s_level, t_level, gain in zip(student, teacher, balance):
+        s_flat, t_flat = (
+            s_level.reshape(-1, s_level.shape[-1]).tolist(),
+            t_level.reshape(-1, t_level.shape[-1]).tolist(),
+        )
+        level_obj = 0.0
+        for s, t in zip(s_flat, t_flat):
+            level_obj += bernoulli_kl(sigmoid(t[4] / temperature), sigmoid(s[4] / temperature))
+            nc = len(s) - 5
+            if nc > 1:
+                w = sigmoid(t[4])
+                kl = sum(
+                    bernoulli_kl(sigmoid(t[5 + c] / temperature), sigmoid(s[5 + c] / temperature)) for c in range(nc)
+                )
+                cls_num += w * kl / nc
+                cls_den += w
+        obj += gain * level_obj / len(s_flat)
+    return temperature**2 * (obj + cls_num / max(cls_den, 1.0))
+
+
+def ref_ciou(b1, b2, eps=1e-7):
+    """CIoU of two (x, y, w, h) boxes (Zheng et al. 2020), written out for one pair."""
+    (x1, y1, w1, h1), (x2, y2, w2, h2) = b1, b2
+    l1, r1, t1, d1 = x1 - w1 / 2, x1 + w1 / 2, y1 - h1 / 2, y1 + h1 / 2
+    l2, r2, t2, d2 = x2 - w2 / 2, x2 + w2 / 2, y2 - h2 / 2, y2 + h2 / 2
+    inter = max(0.0, min(r1, r2) - max(l1, l2)) * max(0.0, min(d1, d2) - max(t1, t2))
+    iou = inter / (w1 * h1 + w2 * h2 - inter + eps)
+    c2 = (max(r1, r2) - min(l1, l2)) ** 2 + (max(d1, d2) - min(t1, t2)) ** 2 + eps
+    rho2 = (x2 - x1) ** 2 + (y2 - y1) ** 2
+    v = 4 / math.pi**2 * (math.atan(w2 / (h2 + eps)) - math.atan(w1 / (h1 + eps))) ** 2
+    alpha = v / (v - iou + 1 + eps)
+    return iou - rho2 / c2 - v * alpha
+
+
+def ref_box_kd(student, teacher, s_anchors, t_anchors, min_obj):
+    num, den = 0.0, 0.0
+    for s_level, t_level, a_s, a_t in zip(student, teacher, s_anchors.tolist(), t_anchors.tolist()):
+        b, na, h, w, _ = s_level.shape
+        for i in range(b):
+            for a in range(na):
+                for y in range(h):
+                    for x in range(w):
+                        s, t = s_level[i, a, y, x].tolist(), t_level[i, a, y, x].tolist()
+                        p = sigmoid(t[4])
+                        if p <= min_obj:
+                            continue
+                        box_s = [2 * sigmoid(s[0]) - 0.5, 2 * sigmoid(s[1]) - 0.5,
+                                 (2 * sigmoid(s[2])) ** 2 * a_s[a][0], (2 * sigmoid(s[3])) ** 2 * a_s[a][1]]  # fmt: skip
+                        box_t = [2 * sigmoid(t[0]) - 0.5, 2 * sigmoid(t[1]) - 0.5,
+                                 (2 * sigmoid(t[2])) ** 2 * a_t[a][0], (2 * sigmoid(t[3])) ** 2 * a_t[a][1]]  # fmt: skip
+                        num += p * (1 - ref_ciou(box_s, box_t))
+                        den += p
+    return num / max(den, 1.0)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+@pytest.mark.parametrize("nc", [1, 3])
+def test_kd_term_equals_per_anchor_reference(temperature, nc):
+    student, teacher = random_outputs(0, nc), random_outputs(1, nc)
+    got = kd_term(preds=student, teacher_preds=teacher, balance=[4.0, 1.0], temperature=temperature)
+    want = ref_kd(student, teacher, [4.0, 1.0], temperature)
+    # the term computes in float32 (as under AMP): agreement to float32 rounding
+    assert got.dtype == torch.float32 and got.item() == pytest.approx(want, rel=1e-5)
+
+
+def test_kd_term_is_zero_when_the_student_matches_and_class_free_where_the_teacher_sees_nothing():
+    teacher = random_outputs(2)
+    assert kd_term(preds=teacher, teacher_preds=teacher).item() == pytest.approx(0.0, abs=1e-6)
+    blind = [t.clone() for t in teacher]
+    for t in blind:
+        t[..., 4] = -40.0  # the teacher sees nothing anywhere
+    student = random_outputs(3)
+    for s in student:
+        s[..., 4] = -40.0  # ... and neither does the student: only the class scores differ
+    assert kd_term(preds=student, teacher_preds=blind).item() == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("min_obj", [0.0, 0.1, 0.5])
+def test_box_kd_term_equals_per_anchor_reference(min_obj):
+    student, teacher = random_outputs(4), random_outputs(5)
+    s_anchors = torch.tensor([[[1.0, 1.5], [2.0, 1.0]], [[1.5, 3.0], [3.0, 2.0]]], dtype=torch.float64)
+    t_anchors = s_anchors * 1.3  # other anchors: the boxes are compared as decoded boxes
+    got = box_kd_term(
+        preds=student, anchors=s_anchors, teacher_preds=teacher, teacher_anchors=t_anchors, min_obj=min_obj
+    )
+    want = ref_box_kd(student, teacher, s_anchors, t_anchors, min_obj)
+    assert want > 0 and got.item() == pytest.approx(want, rel=1e-5)
+
+
+def test_box_kd_term_is_zero_where_the_teacher_sees_nothing_and_for_equal_boxes():
+    student, teacher = random_outputs(6), random_outputs(7)
+    anchors = torch.ones(2, 2, 2, dtype=torch.float64)
+    for t in teacher:
+        t[..., 4] = -40.0
+    assert box_kd_term(preds=student, anchors=anchors, teacher_preds=teacher, teacher_anchors=anchors).item() == 0.0
+    same = [x.float() for x in random_outputs(8)]
+    for x in same:
+        x[..., 2:4] = x[..., 2:4].abs()  # boxes of at least an anchor: IoU's eps (1e-7) is then below 1e-6
+    student = [x.clone().requires_grad_() for x in same]  # equal boxes: no NaN (CIoU's 0 / 0 in float32)
+    value = box_kd_term(preds=student, anchors=anchors.float(), teacher_preds=same, teacher_anchors=anchors.float())
+    value.backward()
+    assert value.item() == pytest.approx(0.0, abs=1e-6)
+    assert all(torch.isfinite(x.grad).all() for x in student)
+
+
+def test_output_terms_are_zero_without_their_inputs():
+    preds = random_outputs(9)
+    assert kd_term(preds=preds).item() == 0.0 and box_kd_term(preds=preds).item() == 0.0  # validation: no teacher
+    assert imitation_term().item() == 0.0
+
+
+def test_output_terms_send_gradients_to_the_student_only():
+    student = [p.float().requires_grad_() for p in random_outputs(10)]
+    teacher = [p.float().requires_grad_() for p in random_outputs(11)]
+    anchors = torch.ones(2, 2, 2)
+    loss = kd_term(preds=student, teacher_preds=teacher) + box_kd_term(
+        preds=student, anchors=anchors, teacher_preds=teacher, teacher_anchors=anchors, min_obj=0.0
+    )
+    loss.backward()
+    assert all(t.grad is None for t in teacher)
+    for s in student:  # every output of every level: x, y, w, h (box), objectness and classes (kd)
+        assert (s.grad.abs().sum((0, 1, 2, 3)) > 0).all()
+
+
+# --- the Distiller with output terms -----------------------------------------------------------------------------
+
+
+def fixed_batch():
+    imgs = torch.rand(2, 3, 128, 96, generator=torch.Generator().manual_seed(0))  # non-square
+    targets = torch.tensor(
+        [[0, 1, 0.30, 0.40, 0.20, 0.30], [0, 2, 0.70, 0.25, 0.10, 0.10], [1, 0, 0.55, 0.60, 0.25, 0.35]]
+    )
+    return imgs, targets
+
+
+def test_distiller_with_output_terms_reaches_the_head_not_the_teacher(teacher_pt):
+    torch.manual_seed(0)
+    student = DetectionModel("yolov5n.yaml", nc=8).train()
+    distiller = Distiller(student, teacher_pt, "cpu", weights={"kd": 1.0, "box_kd": 0.05})
+    assert distiller.outputs and distiller.loss_weights == {"imitation": 0.01, "kd": 1.0, "box_kd": 0.05}
+    for p in distiller.teacher.parameters():
+        p.requires_grad_(True)  # even a teacher whose parameters could take gradients gets none
+    compute_loss = ComputeLoss(student, yaml_load(HYP), distill_weights=distiller.loss_weights)
+    assert compute_loss.names == ("box", "obj", "cls", "imitation", "kd", "box_kd")
+    imgs, targets = fixed_batch()
+    preds, inputs = distiller(student, imgs, targets)
+    assert [tuple(t.shape) for t in inputs["teacher_preds"]] == [tuple(p.shape) for p in preds]
+    loss, items = compute_loss(preds, targets, **inputs)
+    assert items["kd"] > 0 and items["box_kd"] >= 0
+    # the terms read the teacher's own head outputs: its plain eval forward returns them raw beside the decoded ones
+    teacher_preds = distiller.teacher(imgs)[1]
+    for t, mine in zip(teacher_preds, inputs["teacher_preds"]):
+        torch.testing.assert_close(t, mine)
+    want = kd_term(preds=preds, teacher_preds=teacher_preds, balance=compute_loss.balance)
+    assert items["kd"].item() == pytest.approx(want.item(), rel=1e-5)
+    loss.backward()
+    assert all(p.grad is None for p in distiller.teacher.parameters())
+    for conv in student.model[-1].m:
+        assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
+
+
+def test_output_terms_alone_skip_imitation_and_fgfi_alone_skips_the_teacher_head(teacher_pt, monkeypatch):
+    import distill.distiller as dd
+    from distill.teacher import teacher_outputs
+
+    calls = []
+
+    def recording(*args, **kwargs):
+        calls.append("outputs")
+        return teacher_outputs(*args, **kwargs)
+
+    monkeypatch.setattr(dd, "teacher_outputs", recording)
+
+    student = DetectionModel("yolov5n.yaml", nc=8).train()
+    imgs, targets = fixed_batch()
+    kd_only = Distiller(student, teacher_pt, "cpu", imitation_weight=0.0, weights={"kd": 1.0})
+    assert kd_only.loss_weights == {"kd": 1.0} and kd_only.param_groups(5e-4) == [] and not kd_only.parameters()
+    _, inputs = kd_only(student, imgs, targets)
+    assert calls == ["outputs"] and "mask" not in inputs and "teacher_preds" in inputs
+    fgfi = Distiller(student, teacher_pt, "cpu")
+    _, inputs = fgfi(student, imgs, targets)
+    assert calls == ["outputs"] and "teacher_preds" not in inputs  # FGFI alone: the teacher stops at layer 16
+
+
+def test_output_terms_at_weight_zero_give_todays_fgfi_losses(teacher_pt):
+    """kd and box_kd at 0 (the default) leave the FGFI step as it was: the same loss items, and those equal
+    YOLOv5's loss plus 0.01 * the imitation loss computed by hand on the same batch."""
+    imgs, targets = fixed_batch()
+    items = []
+    for weights in (None, {"kd": 0.0, "box_kd": 0.0}):
+        torch.manual_seed(0)
+        student = DetectionModel("yolov5n.yaml", nc=8).train()
+        distiller = Distiller(student, teacher_pt, "cpu", weights=weights, sparse_max_share=0.0)
+        assert not distiller.outputs and distiller.loss_weights == {"imitation": 0.01}
+        compute_loss = ComputeLoss(student, yaml_load(HYP), distill_weights=distiller.loss_weights)
+        preds, inputs = distiller(student, imgs, targets)
+        items.append(compute_loss(preds, targets, **inputs)[1])
+        # by hand: the plain YOLOv5 loss and the paper's imitation term
+        plain = ComputeLoss(student, yaml_load(HYP))(preds, targets)[1]
+        feature = student.extract_features(imgs, distiller.student_layers)[0]
+        teacher = distiller.teacher.extract_features(imgs, distiller.teacher_layers)[0]
+        mask = student(imgs, target=targets)[2]
+        imitation = 0.01 * imitation_loss(distiller.adapters(feature), teacher, mask)
+        for k in ("box", "obj", "cls"):
+            assert items[-1][k].item() == plain[k].item()
+        assert items[-1]["imitation"].item() == pytest.approx(imitation.item(), rel=1e-5)
+    assert list(items[0]) == list(items[1]) == ["box", "obj", "cls", "imitation"]
+    for k in items[0]:
+        assert items[0][k].item() == items[1][k].item(), k
+
+
+def test_head_checks_one_line_each(teacher_pt, tmp_path):
+    from tests.conftest import save_random_model
+
+    student = DetectionModel("yolov5n.yaml", nc=8)
+    other_nc = save_random_model("yolov5s", tmp_path / "nc5.pt", nc=5)
+    with pytest.raises(UserError, match=r"teacher has classes 5 and the student 8"):
+        Distiller(student, other_nc, "cpu", weights={"kd": 1.0})
+    Distiller(student, other_nc, "cpu")  # FGFI alone: another class count is fine
+    teacher = Distiller(student, teacher_pt, "cpu").teacher
+    moved = DetectionModel("yolov5n.yaml", nc=8)
+    moved.model[-1].anchors *= 1.5  # as AutoAnchor would
+    with pytest.raises(UserError, match=r"anchors \(pixels\) .* differ from the student's") as e:
+        check_heads(teacher, moved, "t.pt", same_anchors=True)
+    assert "\n" not in str(e.value)
+    check_heads(teacher, moved, "t.pt", same_anchors=False)  # boxes alone are compared as decoded boxes
+    # a student from scratch takes the teacher's anchors for --kd-weight; a pretrained one with others is refused
+    distiller = Distiller(student, teacher_pt, "cpu", weights={"kd": 1.0})
+    with pytest.raises(UserError, match="differ from the student's"):
+        distiller.check_student(moved)
+    distiller.check_student(moved, adopt_anchors=True)
+    assert torch.equal(moved.model[-1].anchors, teacher.model[-1].anchors.float())
+    p6 = save_random_model("yolov5s6", tmp_path / "p6.pt")
+    with pytest.raises(UserError, match=r"detection levels 4 and the student 3"):
+        Distiller(student, p6, "cpu", weights={"box_kd": 0.05})
+
+
+# --- several imitated layers ---------------------------------------------------------------------------------------
+
+
+def test_level_weights_formulas():
+    channels = [128, 256, 512]
+    assert level_weights(channels, "sum") == [1.0, 1.0, 1.0]
+    assert level_weights(channels, "mean") == pytest.approx([1 / 3] * 3)
+    inv = [1 / 128, 1 / 256, 1 / 512]
+    assert level_weights(channels, "channel") == pytest.approx([x / sum(inv) for x in inv])
+    for reduction in ("sum", "mean", "channel"):  # one layer: the paper's loss, unchanged
+        assert level_weights([256], reduction) == [1.0]
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean", "channel"])
+def test_multi_level_imitation_equals_its_formula(teacher_pt, reduction):
+    torch.manual_seed(0)
+    student = DetectionModel("yolov5n.yaml", nc=8).train()
+    distiller = Distiller(student, teacher_pt, "cpu", "detect", imitation_reduce=reduction, sparse_max_share=0.0)
+    imgs, targets = fixed_batch()
+    _, inputs = distiller(student, imgs, targets)
+    per_level = [
+        imitation_loss(s, t, m).item() for s, t, m in zip(inputs["student"], inputs["teacher"], inputs["mask"])
+    ]
+    channels = [t.shape[1] for t in inputs["teacher"]]
+    assert channels == [128, 256, 512]
+    if reduction == "sum":
+        want = sum(per_level)
+    elif reduction == "mean":
+        want = sum(per_level) / 3
+    else:
+        want = sum(v / c for v, c in zip(per_level, channels)) / sum(1 / c for c in channels)
+    assert imitation_term(**inputs).item() == pytest.approx(want, rel=1e-5)
+
+
+# --- the table ---------------------------------------------------------------------------------------------------
+
+
+def test_a_new_term_is_one_table_entry(tmp_path, tiny_data, teacher_pt, monkeypatch):
+    """A dummy term added to TERMS gets its flag, its hyp default, its loss-dict key and its own results.csv column,
+    with train.py, utils/results.py and the progress bar untouched."""
+
+    def dummy(preds=None, **_):
+        return torch.zeros((), device=preds[0].device) + 0.25 if preds is not None else torch.zeros(())
+
+    monkeypatch.setitem(TERMS, "dummy", Term("dummy", dummy, 0.5, False, "dummy", "a test term"))
+    assert train.parse_opt(True, args=["--dummy-weight", "2"]).dummy_weight == 2.0
+    train.run(
+        data=str(tiny_data), cfg="yolov5n.yaml", ft_weights=str(teacher_pt), epochs=1, imgsz=64, batch_size=8,
+        device="cpu", workers=0, noplots=True, project=str(tmp_path), name="dummy", hyp=HYP,
+    )  # fmt: skip
+    df = pd.read_csv(tmp_path / "dummy/results.csv", skipinitialspace=True)
+    df.columns = [c.strip() for c in df.columns]
+    assert df["train/dummy_loss"].tolist() == pytest.approx([0.5 * 0.25])  # the table's default weight
+    assert "val/dummy_loss" not in df.columns and "val/imitation_loss" not in df.columns
+    assert yaml_load(tmp_path / "dummy/opt.yaml")["dummy_weight"] == 0.5
+
+
+def test_output_flags_are_checked(tmp_path, tiny_data, teacher_pt):
+    common = dict(data=str(tiny_data), cfg="yolov5n.yaml", epochs=1, imgsz=64, project=str(tmp_path), device="cpu")
+    for kwargs, message in (
+        (dict(kd_weight=1.0), "--kd-weight: output distillation needs a teacher: add --ft_weights"),
+        (dict(ft_weights=str(teacher_pt), kd_weight=float("inf")), "--kd-weight inf: must be a finite number >= 0"),
+        (dict(ft_weights=str(teacher_pt), box_kd_weight=-1.0), "--box-kd-weight -1.0: must be a finite number >= 0"),
+        (dict(ft_weights=str(teacher_pt), kd_temperature=0.0), "--kd-temperature 0.0: must be a finite number > 0"),
+        (dict(ft_weights=str(teacher_pt), imitation_weight=float("nan")), "--imitation-weight nan: must be >= 0"),
+    ):
+        with pytest.raises(UserError, match=message.replace("+", r"\+")):
+            train.run(**common, **kwargs)
