@@ -49,6 +49,8 @@ def parse_imitation_layers(value: LayerSpec | tuple) -> tuple[LayerSpec, LayerSp
     text = str(value if value is not None else "").replace(" ", "")
     student, _, teacher = text.partition(":")
     try:
+        if ":" in text and not (student and teacher):  # '17:' or ':' would silently pair nothing or the default
+            raise ValueError
         specs = [_spec(x) for x in (student, teacher)]
     except ValueError:
         raise UserError(

@@ -121,3 +121,35 @@ def test_distiller_amp_step_on_cuda_sparse_by_default(teacher_pt):
     for k in dense_items:  # fp16 autocast: the two paths round differently
         torch.testing.assert_close(sparse_items[k], dense_items[k], rtol=2e-3, atol=1e-5)
     assert all(p.grad is None for p in distiller.teacher.parameters())
+
+
+def test_output_terms_on_cuda_under_amp_without_a_host_sync(teacher_pt):
+    """An fp16 teacher's head outputs, AMP student: the output terms are float32, finite, equal to their float64 CPU
+    value, and computing them (forward and backward) never waits for the GPU (sync debug mode raises on a sync)."""
+    from distill.terms import box_kd_term, kd_term
+
+    device = torch.device("cuda", 0)
+    torch.manual_seed(0)
+    student = DetectionModel("yolov5n.yaml", nc=8).to(device).train()
+    distiller = Distiller(student, teacher_pt, device, imitation_weight=0.0, weights={"kd": 1.0, "box_kd": 0.05})
+    assert next(distiller.teacher.parameters()).dtype == torch.float16
+    imgs = torch.rand(2, 3, 128, 96, device=device)
+    with torch.autocast("cuda"):
+        preds, inputs = distiller(student, imgs, _targets(device))
+    anchors = student.model[-1].anchors
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.autocast("cuda"):
+            kd = kd_term(preds=preds, **inputs)
+            box = box_kd_term(preds=preds, anchors=anchors, **inputs, min_obj=0.0)
+        (kd + box).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert kd.dtype == box.dtype == torch.float32 and torch.isfinite(kd) and torch.isfinite(box)
+    cpu = dict(
+        preds=[p.detach().double().cpu() for p in preds],
+        teacher_preds=[t.double().cpu() for t in inputs["teacher_preds"]],
+    )
+    want = kd_term(**cpu, temperature=inputs["temperature"])
+    assert kd.item() == pytest.approx(want.item(), rel=1e-4)

@@ -340,6 +340,9 @@ def test_output_flags_are_checked(tmp_path, tiny_data, teacher_pt):
         (dict(ft_weights=str(teacher_pt), box_kd_weight=-1.0), "--box-kd-weight -1.0: must be a finite number >= 0"),
         (dict(ft_weights=str(teacher_pt), kd_temperature=0.0), "--kd-temperature 0.0: must be a finite number > 0"),
         (dict(ft_weights=str(teacher_pt), imitation_weight=float("nan")), "--imitation-weight nan: must be >= 0"),
+        (dict(ft_weights=str(teacher_pt), imitation_weight=float("inf")), "--imitation-weight inf: must be >= 0"),
+        (dict(ft_weights=str(teacher_pt), imitation_layers="17:"), "--imitation-layers '17:': use"),
+        (dict(ft_weights=str(teacher_pt), imitation_layers=":"), "--imitation-layers ':': use"),
     ):
         with pytest.raises(UserError, match=message.replace("+", r"\+")):
             train.run(**common, **kwargs)
