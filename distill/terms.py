@@ -126,15 +126,61 @@ def kd_term(
         return _zero(preds, teacher_preds)
     balance = [1.0] * len(preds) if balance is None else balance
     with torch.autocast(device_type=preds[0].device.type, enabled=False):
-        obj, cls_sum, weight_sum = _zero(preds), _zero(preds), _zero(preds)
-        for s, t, gain in zip(preds, teacher_preds, balance):
-            s, t = s.float(), t.detach().float()
-            obj = obj + gain * _bernoulli_kl(s[..., 4] / temperature, t[..., 4] / temperature).mean()
-            if s.shape[-1] > 6:  # nc > 1
-                w = t[..., 4].sigmoid()
-                kl = _bernoulli_kl(s[..., 5:] / temperature, t[..., 5:] / temperature).mean(-1)
-                cls_sum, weight_sum = cls_sum + (w * kl).sum(), weight_sum + w.sum()
-        return temperature**2 * (obj + cls_sum / weight_sum.clamp(min=1))
+        teacher_preds = [t.detach().float() for t in teacher_preds]
+        multiclass = preds[0].shape[-1] > 6  # nc > 1
+        # the class part's normaliser first (teacher only, no grad): max(sum of the teacher's objectness, 1)
+        objectness = [t[..., 4].sigmoid() for t in teacher_preds]
+        weight_sum = sum(w.sum() for w in objectness).clamp(min=1)
+        total = _zero(preds)
+        for s, t, w, gain in zip(preds, teacher_preds, objectness, balance):
+            nc = s.shape[-1] - 5
+            cls_weight = w / (nc * weight_sum) if multiclass else None
+            total = total + _LogitKL.apply(s.float(), t, gain / w.numel(), cls_weight, float(temperature))
+        return total
+
+
+class _LogitKL(torch.autograd.Function):
+    """One level of kd_term: T^2 * (obj_weight * sum_cells KL_obj + sum_cells cls_weight * sum_c KL_c), KL the
+    Bernoulli KL(sigmoid(t / T) || sigmoid(s / T)) of the objectness (column 4) and class (5:) logits of
+    s, t [B, na, H, W, 5 + nc]; cls_weight [B, na, H, W] or None (no class part).
+
+    Written out because autograd's composition of the same formula (two slices, two BCEs, means) made a dozen
+    full-size passes in backward and cost more than the whole student step at nc = 80 on CPU (benchmarks/RESULTS.md):
+    here the forward is softplus(s') - softplus(t') - p * (s' - t') (s' = s / T, p = sigmoid(t')) and the backward
+    writes T * weight * (sigmoid(s') - p) straight into the gradient of s."""
+
+    @staticmethod
+    def forward(ctx, s, t, obj_weight: float, cls_weight, temperature: float):
+        end = None if cls_weight is not None else 5  # single class: the objectness column alone
+        st, tt = _tempered(s, end, temperature), _tempered(t, end, temperature)
+        kl = F.softplus(st)
+        kl -= F.softplus(tt)
+        kl.addcmul_(tt.sigmoid(), st - tt, value=-1)  # softplus(s') - softplus(t') - p * (s' - t'), in place
+        loss = obj_weight * kl[..., 0].sum()
+        if cls_weight is not None:
+            loss = loss + (cls_weight * kl[..., 1:].sum(-1)).sum()
+        ctx.save_for_backward(s, t, cls_weight)
+        ctx.obj_weight, ctx.temperature = obj_weight, temperature
+        return loss * temperature**2
+
+    @staticmethod
+    def backward(ctx, grad):
+        s, t, cls_weight = ctx.saved_tensors
+        temperature = ctx.temperature
+        end = None if cls_weight is not None else 5
+        diff = _tempered(s, end, temperature).sigmoid()
+        diff -= _tempered(t, end, temperature).sigmoid()
+        scale = grad * temperature  # d(T^2 * KL) / ds = T^2 * (q - p) / T
+        out = torch.zeros_like(s)
+        torch.mul(diff[..., 0], scale * ctx.obj_weight, out=out[..., 4])
+        if cls_weight is not None:
+            torch.mul(diff[..., 1:], (scale * cls_weight).unsqueeze(-1), out=out[..., 5:])
+        return out, None, None, None, None
+
+
+def _tempered(x: torch.Tensor, end: int | None, temperature: float) -> torch.Tensor:
+    """The objectness and class logits x[..., 4:end] / T (a view when T = 1: one full-size pass less)."""
+    return x[..., 4:end] if temperature == 1 else x[..., 4:end] / temperature
 
 
 # The teacher's objectness below which an anchor's box is not distilled (box_kd_term); above it the anchor counts in
@@ -176,17 +222,8 @@ def box_kd_term(
 def _decode(x: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
     """[B, na, H, W, 5 + nc] raw outputs -> [B, na, H, W, 4] boxes (x, y offsets from the cell corner, w, h) in grid
     cells; anchors [na, 2] in grid cells of this level."""
-    xy = x[..., :2].sigmoid() * 2 - 0.5
-    wh = (x[..., 2:4].sigmoid() * 2) ** 2 * anchors.view(1, -1, 1, 1, 2).float()
-    return torch.cat((xy, wh), -1)
-
-
-def _bernoulli_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """Elementwise KL(sigmoid(teacher) || sigmoid(student)) of Bernoulli outputs, from logits (stable)."""
-    p = teacher_logits.sigmoid()
-    return F.binary_cross_entropy_with_logits(student_logits, p, reduction="none") - F.binary_cross_entropy_with_logits(
-        teacher_logits, p, reduction="none"
-    )
+    box = x[..., :4].sigmoid() * 2  # one slice of x: each slice of the big output costs a full-size buffer in backward
+    return torch.cat((box[..., :2] - 0.5, box[..., 2:] ** 2 * anchors.view(1, -1, 1, 1, 2).to(box)), -1)
 
 
 def _zero(*refs) -> torch.Tensor:
