@@ -138,3 +138,30 @@ def test_fingerprint_sees_a_changed_label_or_setting(tmp_path):
     label.write_text(label.read_text() + "0 0.5 0.5 0.1 0.1\n")
     assert dataset_fingerprint(tmp_path, seed=4)["labels_sha256"] != before["labels_sha256"]
     assert dataset_fingerprint(tmp_path, seed=5)["generator"] != before["generator"]
+
+
+def test_own_data_and_a_pretrained_student(tmp_path, tiny_data):
+    """--data, --imgsz, --batch-size and --student-weights: the arms fine-tune the given student (its weights in
+    opt.yaml, its hash in the record) on the given data; out-of-range values are one-line errors. The student keeps
+    the default anchors (--noautoanchor), as the teacher has them: --kd-weight refuses a student with others."""
+    student = tmp_path / "pretrained.pt"
+    train_dir = tmp_path / "pre"
+    import train
+
+    train.run(data=str(tiny_data), cfg="yolov5n.yaml", epochs=1, imgsz=64, batch_size=8, device="cpu", workers=0,
+              noplots=True, project=str(tmp_path), name="pre", exist_ok=True, noautoanchor=True)  # fmt: skip
+    (train_dir / "weights/last.pt").rename(student)
+    project = tmp_path / "exp"
+    experiment.run_experiment(
+        "cpu", project=project, seeds=[0], arms=["student", "kd"], data=str(tiny_data), student_weights=str(student),
+        epochs=1, imgsz=64, batch=4, workers=0, noplots=True,
+    )  # fmt: skip
+    for arm in ("student", "kd"):
+        opt = yaml.safe_load((project / f"{arm}-seed0/opt.yaml").read_text())
+        assert (opt["weights"], opt["cfg"], opt["batch_size"], opt["imgsz"]) == (str(student.resolve()), "", 4, 64)
+        record = json.loads((project / f"{arm}-seed0/experiment.json").read_text())
+        assert record["settings"]["student_sha256"] and record["settings"]["data"] == str(tiny_data)
+    for kwargs, flag in ((dict(imgsz=0), "--imgsz"), (dict(batch=0), "--batch-size"), (dict(epochs=0), "--epochs"),
+                         (dict(student_weights=str(tmp_path / "none.pt")), "--student-weights")):  # fmt: skip
+        with pytest.raises(UserError, match=flag):
+            experiment.run_experiment("cpu", project=project, data=str(tiny_data), **kwargs)
