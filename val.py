@@ -149,8 +149,8 @@ def run(
     """Evaluate a model on data[task] (or on `dataloader` when train.py passes its model and loader).
 
     Returns ((mp, mr, map50, map, *val_losses), maps, times): mean P, R, mAP50 and mAP50-95 over classes with
-    labels, then the mean per-batch validation loss terms in compute_loss.names order (none without
-    compute_loss); maps [nc] mAP50-95 per class (the overall mAP for classes without labels); times
+    labels, then the mean per-batch validation loss terms in compute_loss.detection_names order (YOLOv5's box, obj,
+    cls: validation has no teacher, so no distillation term; none without compute_loss); maps [nc] mAP50-95 per class (the overall mAP for classes without labels); times
     (pre-process, inference, NMS) in ms per image.
     """
     training = model is not None
@@ -213,7 +213,7 @@ def run(
     p = r = ap50 = ap = np.zeros(0)
     mp = mr = map50 = map = 0.0
     dt = [0.0, 0.0, 0.0]  # seconds: pre-process, inference, NMS
-    loss_names = tuple(compute_loss.names) if compute_loss else ()
+    loss_names = tuple(getattr(compute_loss, "detection_names", compute_loss.names)) if compute_loss else ()
     loss = torch.zeros(len(loss_names), device=device)
     jdict, stats, ap_class = [], [], np.zeros(0, dtype=int)
     for batch_i, (im, targets, paths, shapes) in enumerate(tqdm(dataloader, desc=s, bar_format=TQDM_BAR_FORMAT)):
