@@ -389,7 +389,13 @@ def parse_opt(known: bool = False, args: list[str] | None = None) -> argparse.Na
     parser.add_argument("--seed", type=int, default=0, help="Global training seed")
     parser.add_argument("--local_rank", type=int, default=-1, help="Automatic DDP Multi-GPU argument, do not modify")
     # FGFI distillation
-    parser.add_argument("--ft_weights", "--ft-weights", type=str, default="", help="teacher weights: enables FGFI")
+    parser.add_argument(
+        "--ft_weights",
+        "--ft-weights",
+        type=str,
+        default="",
+        help="teacher weights: enables distillation (FGFI; output terms with --kd-weight, --box-kd-weight)",
+    )
     for term in TERMS.values():  # --imitation-weight, --kd-weight, --box-kd-weight: one per distill/terms.py entry
         parser.add_argument(f"--{term.name.replace('_', '-')}-weight", type=float, default=None, help=term.help)
     parser.add_argument(
