@@ -141,6 +141,11 @@ def run(
     if source.isnumeric() or source.lower().startswith(("rtsp://", "rtmp://", "http://", "https://", "screen")):
         raise UserError(f"--source {source}: webcams, streams, URLs and screenshots are not supported; "
                         "pass an image, video, directory, glob or .txt list of paths")  # fmt: skip
+    sizes = [imgsz] if isinstance(imgsz, int) else list(imgsz)
+    if not sizes or min(sizes) < 1:
+        raise UserError(f"--imgsz {' '.join(map(str, sizes))}: must be >= 1 pixel (rounded up to the model stride)")
+    if vid_stride < 1:
+        raise UserError(f"--vid-stride {vid_stride}: must be >= 1 (1 reads every video frame, 2 every other)")
     if dnn:
         LOGGER.warning("WARNING: --dnn ignored: ONNX files run with onnxruntime, PyTorch weights with PyTorch")
     save_img = not nosave

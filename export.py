@@ -180,6 +180,9 @@ def run(
         raise UserError(f"--weights {weights}: give one checkpoint to export")
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size} must be at least 1")
+    sizes = [imgsz] if isinstance(imgsz, int) else list(imgsz)
+    if not sizes or min(sizes) < 1:
+        raise UserError(f"--imgsz {' '.join(map(str, sizes))}: must be >= 1 pixel (rounded up to the model stride)")
     file = Path(weights)
     device = select_device(device)
     model = load_for_export(file, device, inplace, dynamic)

@@ -231,6 +231,20 @@ def test_missing_source_is_a_user_error(tmp_path, fake_model):
         run("rtsp://example.com/cam", tmp_path)
 
 
+
+def test_bad_sizes_and_strides_are_one_line_user_errors(tmp_path, fake_model):
+    files = make_images(tmp_path / "images", n=1)
+    for kwargs, message in (
+        (dict(imgsz=0), "--imgsz 0: must be >= 1 pixel"),
+        (dict(imgsz=(320, 0)), "--imgsz 320 0: must be >= 1 pixel"),
+        (dict(vid_stride=0), "--vid-stride 0: must be >= 1"),
+    ):
+        with pytest.raises(UserError) as e:
+            run(files[0], tmp_path, **kwargs)
+        assert str(e.value).startswith(message) and "\n" not in str(e.value)
+    assert not fake_model.calls  # refused before any inference
+
+
 def test_parse_opt_defaults():
     opt = detect.parse_opt(["--img", "320", "--classes", "0", "2"])
     assert opt.imgsz == [320, 320] and opt.classes == [0, 2]

@@ -329,6 +329,8 @@ def test_unsafe_checkpoint_is_refused(tmp_path, trained):
         ({"weights": "missing.pt"}, "checkpoint missing.pt not found"),
         ({"weights": "best.onnx"}, "--weights best.onnx: export.py reads PyTorch *.pt checkpoints"),
         ({"batch_size": 0}, "--batch-size 0 must be at least 1"),
+        ({"imgsz": (0,)}, "--imgsz 0: must be >= 1 pixel"),
+        ({"imgsz": (320, -64)}, "--imgsz 320 -64: must be >= 1 pixel"),
     ],
 )
 def test_bad_input_is_a_one_line_user_error(kwargs, message, trained):
