@@ -82,13 +82,22 @@ def sparse_conv(x: torch.Tensor, cells: torch.Tensor, weight: torch.Tensor, bias
     """F.conv2d(x, weight, bias, padding=k // 2) at the given cells only: [B, C, H, W] -> [N, O] (cells: [N] indices
     into [B, H, W]; weight [O, C, k, k]). Gradients reach x, weight and bias as the dense conv's would.
 
-    float32 on CPU runs _CellConv (chunked, matmuls as oneDNN 1x1 convs); anything else (CUDA, autocast, float64)
-    the plain autograd composition of neighbourhoods and F.linear.
+    float32 on CPU outside autocast runs _CellConv (chunked, matmuls as oneDNN 1x1 convs); anything else (CUDA, CPU
+    autocast, float64) the plain autograd composition of neighbourhoods and F.linear, which autocast handles.
     """
-    if x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and len(cells):
+    cpu_fp32 = x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+    if cpu_fp32 and len(cells) and not _cpu_autocast():
         return _CellConv.apply(x, cells, weight, bias)
     rows = neighbourhoods(x, cells, weight.shape[-1])
     return F.linear(rows, _weight_matrix(weight).to(rows.dtype), None if bias is None else bias.to(rows.dtype))
+
+
+def _cpu_autocast() -> bool:
+    """CPU autocast is on (its products would run in bf16, which _CellConv's float32 backward cannot take)."""
+    try:
+        return torch.is_autocast_enabled("cpu")
+    except TypeError:  # torch < 2.4: no device argument
+        return torch.is_autocast_cpu_enabled()
 
 
 def _conv_matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

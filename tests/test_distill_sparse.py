@@ -207,3 +207,23 @@ def test_empty_batch_sparse_step_is_zero_without_nan(teacher_pt):
     loss.backward()
     assert loss.item() == 0.0
     assert all(p.grad is not None and torch.count_nonzero(p.grad) == 0 for p in distiller.parameters())
+
+
+def test_sparse_conv_under_cpu_autocast_takes_the_generic_path():
+    """Under CPU autocast (bf16 products) the sparse adapter runs the autograd composition: forward and backward work
+    and agree with the dense conv under the same autocast to bf16 precision."""
+    torch.manual_seed(0)
+    adapter = Adapter(8, 16)
+    x = torch.randn(2, 8, 6, 5, requires_grad=True)
+    mask = torch.rand(2, 1, 6, 5) > 0.6
+    (cells,) = masked_cells([mask.float()], ALWAYS)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sparse = adapter(x, cells)
+        dense = gather_cells(adapter(x), cells)
+    assert sparse.dtype == torch.bfloat16
+    sparse.float().sum().backward()
+    grad = x.grad.clone()
+    x.grad = None
+    dense.float().sum().backward()
+    torch.testing.assert_close(sparse.float(), dense.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(grad, x.grad, rtol=2e-2, atol=2e-2)
