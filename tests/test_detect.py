@@ -231,7 +231,6 @@ def test_missing_source_is_a_user_error(tmp_path, fake_model):
         run("rtsp://example.com/cam", tmp_path)
 
 
-
 def test_bad_sizes_and_strides_are_one_line_user_errors(tmp_path, fake_model):
     files = make_images(tmp_path / "images", n=1)
     for kwargs, message in (
