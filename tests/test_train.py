@@ -61,7 +61,7 @@ def test_train_one_epoch_end_to_end(tmp_path, tiny_data):
     assert out.shape[-1] == 5 + 8
 
 
-def test_resume_continues_an_interrupted_run(tmp_path, tiny_data, monkeypatch):
+def test_resume_continues_an_interrupted_run(tmp_path, tiny_data, monkeypatch, log_lines):
     _interrupt_after_first_epoch(monkeypatch)
     with pytest.raises(_Interrupt):
         train.run(data=str(tiny_data), cfg="yolov5n.yaml", epochs=2, project=str(tmp_path), name="r", **COMMON)
@@ -69,7 +69,11 @@ def test_resume_continues_an_interrupted_run(tmp_path, tiny_data, monkeypatch):
     assert load_checkpoint(last)["epoch"] == 0
     monkeypatch.undo()
 
-    train.run(resume=str(last))
+    train.run(resume=str(last), epochs=5, imitation_weight=0.5, workers=0)
+    assert any(
+        "ignoring --epochs, --imitation-weight" in line and "only --ft_weights, --device, --workers" in line
+        for line in log_lines
+    ), log_lines  # the run's own 2 epochs, said in one line; --workers is an allowed override
     df = _results(tmp_path / "r")
     assert list(df["epoch"]) == [0, 1]  # the interrupted epoch kept, the next one appended, one header
     assert load_checkpoint(last)["epoch"] == -1  # finished and stripped

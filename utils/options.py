@@ -9,7 +9,7 @@ from pathlib import Path
 from distill import Distiller, check_settings, parse_imitation_layers
 from distill.terms import TERMS
 from utils.checkpoint import load_checkpoint, remove_stale_tmp
-from utils.general import ROOT, UserError, check_file, yaml_load
+from utils.general import LOGGER, ROOT, UserError, check_file, yaml_load
 
 RESUME_OVERRIDES = ("ft_weights", "device", "workers")  # flags a --resume may change; the rest are the run's
 
@@ -59,6 +59,17 @@ def resume_options(opt: argparse.Namespace, defaults: argparse.Namespace) -> arg
     ckpt, opt_yaml = load_checkpoint(last), last.parent.parent / "opt.yaml"
     saved, source = (yaml_load(opt_yaml), opt_yaml) if opt_yaml.is_file() else (ckpt["opt"] or {}, last)
     given = {k: getattr(opt, k) for k in RESUME_OVERRIDES if getattr(opt, k) != getattr(defaults, k)}
+    ignored = [
+        f"--{k.replace('_', '-')}"
+        for k, v in vars(opt).items()
+        if k not in (*RESUME_OVERRIDES, "resume") and hasattr(defaults, k) and v != getattr(defaults, k)
+    ]
+    if ignored:
+        allowed = ", ".join(f"--{k}" for k in RESUME_OVERRIDES)
+        LOGGER.warning(
+            f"WARNING: --resume {last}: ignoring {', '.join(ignored)} (a resumed run keeps its own options; only "
+            f"{allowed} may be given again)"
+        )
     if ckpt.get("distill"):
         saved, source = {**saved, **Distiller.options_from_state(ckpt["distill"])}, last
     resumed = argparse.Namespace(**{**vars(defaults), **saved, **given})
