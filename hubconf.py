@@ -1,0 +1,105 @@
+"""torch.hub entry points, as YOLOv5's:
+
+    import torch
+    model = torch.hub.load("path/to/yolov5-fgfi", "custom", path="runs/train/exp/weights/best.pt", source="local")
+    model = torch.hub.load("path/to/yolov5-fgfi", "yolov5n", source="local")  # yolov5n.pt from the current folder,
+                                                                              # the repository or its weights/
+    model.conf, model.classes = 0.4, [0]  # NMS settings live on the model
+    results = model("bus.jpg")            # paths, PIL images, HWC RGB numpy arrays, or lists of them
+    results.print(); results.pandas().xyxy[0]
+
+A distilled checkpoint loads like any other: its student is a plain YOLOv5 model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+dependencies = ["torch", "yaml", "cv2", "numpy"]
+
+_ROOT = Path(__file__).resolve().parent
+
+
+def _on_path() -> None:
+    """Make this repository's packages importable (torch.hub imports hubconf.py from outside it)."""
+    import sys
+
+    if str(_ROOT) not in sys.path:
+        sys.path.insert(0, str(_ROOT))
+
+
+def _create(name: str, pretrained: bool = True, channels: int = 3, classes: int = 80, autoshape: bool = True,
+            device=None):  # fmt: skip
+    """A YOLOv5 model by architecture name: its .pt checkpoint (pretrained, found locally) or a fresh model from the
+    YAML (pretrained=False, with `channels` and `classes`), wrapped in AutoShape unless autoshape=False."""
+    _on_path()
+    from models.autoshape import AutoShape
+    from models.yolo import DetectionModel
+    from utils.checkpoint import attempt_load
+    from utils.general import UserError
+    from utils.torch_utils import select_device
+
+    device = select_device("" if device is None else str(device))
+    if pretrained:
+        file = Path(name).with_suffix(".pt")
+        found = next((p for p in (file, _ROOT / file, _ROOT / "weights" / file.name) if p.is_file()), None)
+        if found is None:
+            raise UserError(
+                f"{file.name} not found in the current folder, {_ROOT} or {_ROOT / 'weights'}: download it from the "
+                "YOLOv5 v7.0 release and put it there, or pass pretrained=False for an untrained model"
+            )
+        model = attempt_load(found, device=device)
+    else:
+        model = DetectionModel(f"{Path(name).stem}.yaml", ch=channels, nc=classes).to(device)
+    return AutoShape(model) if autoshape else model
+
+
+def custom(path: str = "best.pt", autoshape: bool = True, device=None):
+    """Any YOLOv5 checkpoint, e.g. a run's best.pt (distilled or not)."""
+    _on_path()
+    from models.autoshape import AutoShape
+    from utils.checkpoint import attempt_load
+    from utils.torch_utils import select_device
+
+    model = attempt_load(path, device=select_device("" if device is None else str(device)))
+    return AutoShape(model) if autoshape else model
+
+
+def yolov5n(pretrained=True, channels=3, classes=80, autoshape=True, device=None):
+    return _create("yolov5n", pretrained, channels, classes, autoshape, device)
+
+
+def yolov5s(pretrained=True, channels=3, classes=80, autoshape=True, device=None):
+    return _create("yolov5s", pretrained, channels, classes, autoshape, device)
+
+
+def yolov5m(pretrained=True, channels=3, classes=80, autoshape=True, device=None):
+    return _create("yolov5m", pretrained, channels, classes, autoshape, device)
+
+
+def yolov5l(pretrained=True, channels=3, classes=80, autoshape=True, device=None):
+    return _create("yolov5l", pretrained, channels, classes, autoshape, device)
+
+
+def yolov5x(pretrained=True, channels=3, classes=80, autoshape=True, device=None):
+    return _create("yolov5x", pretrained, channels, classes, autoshape, device)
+
+
+def yolov5n6(pretrained=True, channels=3, classes=80, autoshape=True, device=None):
+    return _create("yolov5n6", pretrained, channels, classes, autoshape, device)
+
+
+def yolov5s6(pretrained=True, channels=3, classes=80, autoshape=True, device=None):
+    return _create("yolov5s6", pretrained, channels, classes, autoshape, device)
+
+
+def yolov5m6(pretrained=True, channels=3, classes=80, autoshape=True, device=None):
+    return _create("yolov5m6", pretrained, channels, classes, autoshape, device)
+
+
+def yolov5l6(pretrained=True, channels=3, classes=80, autoshape=True, device=None):
+    return _create("yolov5l6", pretrained, channels, classes, autoshape, device)
+
+
+def yolov5x6(pretrained=True, channels=3, classes=80, autoshape=True, device=None):
+    return _create("yolov5x6", pretrained, channels, classes, autoshape, device)
