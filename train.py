@@ -57,6 +57,7 @@ from utils.general import (  # noqa: E402
     yaml_load,
     yaml_save,
 )
+from utils.loggers import TensorBoardLogger  # noqa: E402
 from utils.loss import ComputeLoss  # noqa: E402
 from utils.metrics import fitness  # noqa: E402
 from utils.options import check_train_options, resume_options  # noqa: E402
@@ -157,6 +158,12 @@ def train(hyp: dict | str, opt: argparse.Namespace, device: torch.device) -> tup
         LOGGER.info(f"Resuming training from {weights} from epoch {start_epoch} to {epochs} total epochs")
         if RANK in {-1, 0}:  # rows of epochs after the checkpoint's are redone (killed before it was saved)
             truncate_results(save_dir / "results.csv", start_epoch - 1)
+    # TensorBoard beside results.csv (a resumed run drops the events of the epochs it redoes, as the CSV's rows)
+    tb = (
+        TensorBoardLogger(save_dir, purge_step=start_epoch if resume else None)
+        if RANK in {-1, 0} and not evolve
+        else None
+    )
     del ckpt
 
     if opt.sync_bn and cuda and RANK != -1:
@@ -313,7 +320,10 @@ def train(hyp: dict | str, opt: argparse.Namespace, device: torch.device) -> tup
             fi = float(fitness(np.array(results[:4]).reshape(1, -1))[0])
             stop = stopper(epoch=epoch, fitness=fi)
             best_fitness = max(best_fitness, fi)
-            append_results(save_dir / "results.csv", epoch, results_row(loss_names, mloss, results, lr))
+            row = results_row(loss_names, mloss, results, lr)
+            append_results(save_dir / "results.csv", epoch, row)
+            if tb:
+                tb.log_epoch(epoch, row)
 
             if (not nosave) or (final_epoch and not evolve):  # the CSV row, best.pt, then last.pt commits the epoch
                 ckpt = training_checkpoint(
@@ -348,6 +358,8 @@ def train(hyp: dict | str, opt: argparse.Namespace, device: torch.device) -> tup
                     )  # fmt: skip
         if plots and (save_dir / "results.csv").exists():
             plot_results(file=save_dir / "results.csv")
+        if tb:  # the pictures that exist (none with --noplots), at the end: no step waits for an image encoder
+            tb.log_plots()
         LOGGER.info(f"Results saved to {colorstr('bold', save_dir)}")
     torch.cuda.empty_cache()
     return results
