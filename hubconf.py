@@ -65,41 +65,17 @@ def custom(path: str = "best.pt", autoshape: bool = True, device=None):
     return AutoShape(model) if autoshape else model
 
 
-def yolov5n(pretrained=True, channels=3, classes=80, autoshape=True, device=None):
-    return _create("yolov5n", pretrained, channels, classes, autoshape, device)
+def _entry(name: str):
+    """The torch.hub entry point of one architecture, e.g. yolov5n(pretrained=True, channels=3, classes=80, ...)."""
+
+    def entry(pretrained=True, channels=3, classes=80, autoshape=True, device=None):
+        return _create(name, pretrained, channels, classes, autoshape, device)
+
+    entry.__name__ = entry.__qualname__ = name
+    entry.__doc__ = f"{name}: {name}.pt found locally (pretrained) or a fresh model from {name}.yaml."
+    return entry
 
 
-def yolov5s(pretrained=True, channels=3, classes=80, autoshape=True, device=None):
-    return _create("yolov5s", pretrained, channels, classes, autoshape, device)
-
-
-def yolov5m(pretrained=True, channels=3, classes=80, autoshape=True, device=None):
-    return _create("yolov5m", pretrained, channels, classes, autoshape, device)
-
-
-def yolov5l(pretrained=True, channels=3, classes=80, autoshape=True, device=None):
-    return _create("yolov5l", pretrained, channels, classes, autoshape, device)
-
-
-def yolov5x(pretrained=True, channels=3, classes=80, autoshape=True, device=None):
-    return _create("yolov5x", pretrained, channels, classes, autoshape, device)
-
-
-def yolov5n6(pretrained=True, channels=3, classes=80, autoshape=True, device=None):
-    return _create("yolov5n6", pretrained, channels, classes, autoshape, device)
-
-
-def yolov5s6(pretrained=True, channels=3, classes=80, autoshape=True, device=None):
-    return _create("yolov5s6", pretrained, channels, classes, autoshape, device)
-
-
-def yolov5m6(pretrained=True, channels=3, classes=80, autoshape=True, device=None):
-    return _create("yolov5m6", pretrained, channels, classes, autoshape, device)
-
-
-def yolov5l6(pretrained=True, channels=3, classes=80, autoshape=True, device=None):
-    return _create("yolov5l6", pretrained, channels, classes, autoshape, device)
-
-
-def yolov5x6(pretrained=True, channels=3, classes=80, autoshape=True, device=None):
-    return _create("yolov5x6", pretrained, channels, classes, autoshape, device)
+for _name in ("yolov5n", "yolov5s", "yolov5m", "yolov5l", "yolov5x", "yolov5n6", "yolov5s6", "yolov5m6", "yolov5l6",
+              "yolov5x6"):  # fmt: skip
+    globals()[_name] = _entry(_name)
