@@ -35,11 +35,9 @@ def _create(name: str, pretrained: bool = True, channels: int = 3, classes: int 
     _on_path()
     from models.autoshape import AutoShape
     from models.yolo import DetectionModel
-    from utils.checkpoint import attempt_load
     from utils.general import UserError
     from utils.torch_utils import select_device
 
-    device = select_device("" if device is None else str(device))
     if pretrained:
         file = Path(name).with_suffix(".pt")
         found = next((p for p in (file, _ROOT / file, _ROOT / "weights" / file.name) if p.is_file()), None)
@@ -48,9 +46,9 @@ def _create(name: str, pretrained: bool = True, channels: int = 3, classes: int 
                 f"{file.name} not found in the current folder, {_ROOT} or {_ROOT / 'weights'}: download it from the "
                 "YOLOv5 v7.0 release and put it there, or pass pretrained=False for an untrained model"
             )
-        model = attempt_load(found, device=device)
-    else:
-        model = DetectionModel(f"{Path(name).stem}.yaml", ch=channels, nc=classes).to(device)
+        return custom(str(found), autoshape, device)
+    device = select_device("" if device is None else str(device))
+    model = DetectionModel(f"{Path(name).stem}.yaml", ch=channels, nc=classes).to(device)
     return AutoShape(model) if autoshape else model
 
 

@@ -12,6 +12,7 @@ from typing import Union
 import torch
 from torch import nn
 
+from models.yolo import _as_number  # the stride formatting of the model's own messages
 from utils.general import UserError
 
 LayerSpec = Union[None, int, str, list]  # None: the default point, 'detect': Detect's inputs, or layer indices
@@ -95,7 +96,3 @@ def forward_imitation(
 
 def _as_list(x) -> list:
     return list(x) if isinstance(x, (list, tuple)) else [x]
-
-
-def _as_number(x: float) -> int | float:
-    return int(round(x)) if abs(x - round(x)) < 1e-6 else x

@@ -340,10 +340,6 @@ class DetectionModel(nn.Module):
 Model = DetectionModel  # YOLOv5 <= v6.1 checkpoints pickle the model under this name
 
 
-def _as_list(x) -> list:
-    return list(x) if isinstance(x, (list, tuple)) else [x]
-
-
 def _as_number(x: float) -> int | float:
     return int(round(x)) if abs(x - round(x)) < 1e-6 else x
 

@@ -26,7 +26,6 @@ def check_train_options(opt: argparse.Namespace) -> None:
     opt.imitation_region = getattr(opt, "imitation_region", "fgfi")  # opt.yaml of runs older than the flag
     opt.adapter_kernel = int(getattr(opt, "adapter_kernel", 3))
     parse_imitation_layers(getattr(opt, "imitation_layers", None))
-    opt.imitation_reduce = getattr(opt, "imitation_reduce", "sum")  # runs older than the flag summed their layers
     weights = {name: getattr(opt, f"{name}_weight", None) for name in TERMS if name != "imitation"}
     temperature = getattr(opt, "kd_temperature", None)
     if opt.ft_weights:
