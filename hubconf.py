@@ -3,7 +3,8 @@
     import torch
     model = torch.hub.load("path/to/yolov5-fgfi", "custom", path="runs/train/exp/weights/best.pt", source="local")
     model = torch.hub.load("path/to/yolov5-fgfi", "yolov5n", source="local")  # yolov5n.pt from the current folder,
-                                                                              # the repository or its weights/
+                                                                              # the repository or its weights/, else
+                                                                              # downloaded into the current folder
     model.conf, model.classes = 0.4, [0]  # NMS settings live on the model
     results = model("bus.jpg")            # paths, PIL images, HWC RGB numpy arrays, or lists of them
     results.print(); results.pandas().xyxy[0]
@@ -30,8 +31,9 @@ def _on_path() -> None:
 
 def _create(name: str, pretrained: bool = True, channels: int = 3, classes: int = 80, autoshape: bool = True,
             device=None):  # fmt: skip
-    """A YOLOv5 model by architecture name: its .pt checkpoint (pretrained, found locally) or a fresh model from the
-    YAML (pretrained=False, with `channels` and `classes`), wrapped in AutoShape unless autoshape=False."""
+    """A YOLOv5 model by architecture name: its .pt checkpoint (pretrained: found locally, else downloaded from the
+    YOLOv5 v7.0 release into the current folder) or a fresh model from the YAML (pretrained=False, with `channels`
+    and `classes`), wrapped in AutoShape unless autoshape=False."""
     _on_path()
     from models.autoshape import AutoShape
     from models.yolo import DetectionModel
@@ -39,9 +41,13 @@ def _create(name: str, pretrained: bool = True, channels: int = 3, classes: int 
     from utils.torch_utils import select_device
 
     if pretrained:
+        from utils.downloads import attempt_download
+
         file = Path(name).with_suffix(".pt")
         found = next((p for p in (file, _ROOT / file, _ROOT / "weights" / file.name) if p.is_file()), None)
-        if found is None:
+        if found is None:  # an official name: fetched from the YOLOv5 v7.0 release into the current folder
+            found = attempt_download(file)
+        if not found.is_file():
             raise UserError(
                 f"{file.name} not found in the current folder, {_ROOT} or {_ROOT / 'weights'}: download it from the "
                 "YOLOv5 v7.0 release and put it there, or pass pretrained=False for an untrained model"
@@ -70,7 +76,7 @@ def _entry(name: str):
         return _create(name, pretrained, channels, classes, autoshape, device)
 
     entry.__name__ = entry.__qualname__ = name
-    entry.__doc__ = f"{name}: {name}.pt found locally (pretrained) or a fresh model from {name}.yaml."
+    entry.__doc__ = f"{name}: {name}.pt found locally or downloaded (pretrained), or a fresh model from {name}.yaml."
     return entry
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+OFFLINE_RELEASE_URL = "http://127.0.0.1:9/yolov5-release"  # port 9 (discard): nothing listens, refused at once
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
@@ -19,6 +20,29 @@ def pytest_configure(config):
     import torch
 
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    # no test reaches the internet: a missing yolov5s.pt is "downloaded" from a closed local port, in subprocesses too
+    os.environ["YOLOV5_RELEASE_URL"] = OFFLINE_RELEASE_URL
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_internet():
+    """utils.downloads may open 127.0.0.1 / localhost only; any other host fails at once, as on an offline machine."""
+    import urllib.error
+    import urllib.parse
+
+    import utils.downloads
+
+    real_urlopen = utils.downloads.urlopen
+
+    def local_only(request, *args, **kwargs):
+        host = urllib.parse.urlparse(getattr(request, "full_url", request)).hostname
+        if host not in {"127.0.0.1", "localhost"}:
+            raise urllib.error.URLError(f"tests never reach the internet ({host})")
+        return real_urlopen(request, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(utils.downloads, "urlopen", local_only)
+        yield
 
 
 @pytest.fixture(scope="session")
