@@ -28,10 +28,12 @@ ROOT = FILE.parents[0]
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))  # so `python path/to/detect.py` finds models/ and utils/
 
+from utils.downloads import attempt_download  # noqa: E402
 from utils.general import (  # noqa: E402
     LOGGER,
     UserError,
     check_img_size,
+    check_writable,
     colorstr,
     increment_path,
     non_max_suppression,
@@ -78,7 +80,8 @@ def _can_imshow() -> bool:
 
 def _load_model(weights, device: torch.device, data):
     """Load --weights (.pt, .torchscript, .onnx, OpenVINO folder) as a DetectMultiBackend; returns (model, names)."""
-    weights = [str(w) for w in (weights if isinstance(weights, (list, tuple)) else [weights])]
+    # a missing official name (yolov5s.pt, ...) is fetched from the YOLOv5 v7.0 release first
+    weights = [str(attempt_download(w)) for w in (weights if isinstance(weights, (list, tuple)) else [weights])]
     for w in weights:
         if not Path(w).exists():
             raise UserError(f"--weights {w} not found: pass the path of a trained .pt checkpoint or an exported model")
@@ -169,6 +172,7 @@ def run(
     except FileNotFoundError as e:
         raise UserError(f"--source {source}: {e}") from None
     save_dir = increment_path(Path(project) / name, exist_ok=exist_ok)  # made only once the inputs are known good
+    check_writable(save_dir, "--project")
     (save_dir / "labels" if save_txt else save_dir).mkdir(parents=True, exist_ok=True)
     view_img = view_img and _can_imshow()
     vid_path, vid_writer = [None], [None]

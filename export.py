@@ -38,7 +38,7 @@ ROOT = FILE.parents[0]
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))  # so `python path/to/export.py` finds models/ and utils/
 
-from utils.general import LOGGER, UserError, check_img_size, colorstr, print_args  # noqa: E402
+from utils.general import LOGGER, UserError, check_img_size, check_writable, colorstr, print_args  # noqa: E402
 from utils.torch_utils import select_device  # noqa: E402
 
 FORMATS = {"torchscript": ".torchscript", "onnx": ".onnx", "openvino": "_openvino_model"}
@@ -184,6 +184,7 @@ def run(
     if not sizes or min(sizes) < 1:
         raise UserError(f"--imgsz {' '.join(map(str, sizes))}: must be >= 1 pixel (rounded up to the model stride)")
     file = Path(weights)
+    check_writable(file.parent, "--weights")  # the exports are written beside the checkpoint
     device = select_device(device)
     model = load_for_export(file, device, inplace, dynamic)
 

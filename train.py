@@ -34,7 +34,15 @@ import val as validate  # noqa: E402
 from distill import REGIONS, Distiller, parse_imitation_layers  # noqa: E402
 from distill.terms import DEFAULT_REDUCTION, REDUCTIONS, TERMS, term_weights  # noqa: E402
 from utils.autoanchor import check_anchors  # noqa: E402
-from utils.checkpoint import attempt_load, load_student, save_checkpoint, strip_optimizer, training_checkpoint  # noqa: E402
+from utils.checkpoint import (  # noqa: E402
+    attempt_load,
+    load_student,
+    restore_train_state,
+    save_checkpoint,
+    strip_optimizer,
+    train_state,
+    training_checkpoint,
+)
 from utils.dataloaders import create_dataloader  # noqa: E402
 from utils.evolve import evolve  # noqa: E402
 from utils.general import (  # noqa: E402
@@ -46,6 +54,7 @@ from utils.general import (  # noqa: E402
     check_dataset,
     check_file,
     check_img_size,
+    check_writable,
     check_yaml,
     colorstr,
     increment_path,
@@ -152,9 +161,10 @@ def train(hyp: dict | str, opt: argparse.Namespace, device: torch.device) -> tup
     scheduler = lr_scheduler.LambdaLR(optimizer, lr_lambda=lf)
     ema = ModelEMA(model) if RANK in {-1, 0} else None
 
-    best_fitness, start_epoch = 0.0, 0
+    best_fitness, start_epoch, state = 0.0, 0, None
     if ckpt is not None and resume:
         best_fitness, start_epoch, epochs = smart_resume(ckpt, optimizer, ema, weights, epochs, resume)
+        state = ckpt.get("train_state")  # RNGs, scaler, step phase: None in YOLOv5's and older checkpoints
         LOGGER.info(f"Resuming training from {weights} from epoch {start_epoch} to {epochs} total epochs")
         if RANK in {-1, 0}:  # rows of epochs after the checkpoint's are redone (killed before it was saved)
             truncate_results(save_dir / "results.csv", start_epoch - 1)
@@ -175,7 +185,7 @@ def train(hyp: dict | str, opt: argparse.Namespace, device: torch.device) -> tup
         train_path, imgsz, batch_size // WORLD_SIZE, gs, single_cls, hyp=hyp, augment=True,
         cache=None if opt.cache == "val" else opt.cache, rect=opt.rect, rank=LOCAL_RANK, workers=workers,
         image_weights=opt.image_weights, quad=opt.quad, prefix=colorstr("train: "), shuffle=True, seed=opt.seed,
-        nc=nc,
+        nc=nc, epoch=start_epoch,
     )  # fmt: skip
     labels = np.concatenate(dataset.labels, 0) if dataset.labels else np.zeros((0, 5))
     if RANK in {-1, 0}:
@@ -218,6 +228,13 @@ def train(hyp: dict | str, opt: argparse.Namespace, device: torch.device) -> tup
     scheduler.last_epoch = start_epoch - 1
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     stopper, stop = EarlyStopping(patience=opt.patience), False
+    if state is not None:  # an exact resume: the state the uninterrupted run had at this point
+        restore_train_state(state, scaler)
+        last_opt_step = state["last_opt_step"]
+        maps = np.asarray(state["maps"], dtype=float)
+        stopper.best_fitness, stopper.best_epoch = state["stopper"]
+    elif resume:
+        LOGGER.info(f"{weights} holds no RNG states (YOLOv5 or an older version): the resumed run is not exact")
     compute_loss = ComputeLoss(model, hyp, distill_weights=distiller.loss_weights if distiller else None)
     loss_names = compute_loss.names
     trainable = list(model.parameters()) + (distiller.parameters() if distiller else [])
@@ -234,9 +251,7 @@ def train(hyp: dict | str, opt: argparse.Namespace, device: torch.device) -> tup
             cw = m.class_weights.cpu().numpy() * (1 - maps) ** 2 / nc
             iw = labels_to_image_weights(dataset.labels, nc=nc, class_weights=cw)
             dataset.indices = random.choices(range(dataset.n), weights=iw, k=dataset.n)
-        mloss = torch.zeros(len(loss_names), device=device)
-        if RANK != -1:
-            train_loader.sampler.set_epoch(epoch)
+        mloss = torch.zeros(len(loss_names), device=device)  # (the loader's EpochSampler counts epochs itself)
         pbar = enumerate(train_loader)
         LOGGER.info(
             ("\n" + "%11s" * (4 + len(loss_names)))
@@ -258,11 +273,12 @@ def train(hyp: dict | str, opt: argparse.Namespace, device: torch.device) -> tup
             if opt.channels_last:
                 imgs = imgs.contiguous(memory_format=torch.channels_last)
 
-            if ni <= nw:  # warmup: bias lr falls from warmup_bias_lr, the others rise from 0
+            if ni <= nw:  # warmup: bias lr falls from warmup_bias_lr (the student's group 0, the adapters' biases)
                 xi = [0, nw]
                 accumulate = max(1, np.interp(ni, xi, [1, nbs / batch_size]).round())
                 for j, x in enumerate(optimizer.param_groups):
-                    x["lr"] = np.interp(ni, xi, [hyp["warmup_bias_lr"] if j == 0 else 0.0, x["initial_lr"] * lf(epoch)])
+                    start = hyp["warmup_bias_lr"] if j == 0 or x.get("bias") else 0.0
+                    x["lr"] = np.interp(ni, xi, [start, x["initial_lr"] * lf(epoch)])
                     if "momentum" in x:
                         x["momentum"] = np.interp(ni, xi, [hyp["warmup_momentum"], hyp["momentum"]])
 
@@ -325,15 +341,22 @@ def train(hyp: dict | str, opt: argparse.Namespace, device: torch.device) -> tup
             if tb:
                 tb.log_epoch(epoch, row)
 
-            if (not nosave) or (final_epoch and not evolve):  # the CSV row, best.pt, then last.pt commits the epoch
+            # the CSV row, best.pt, epoch{N}.pt, then last.pt commits the epoch: a run killed before last.pt is
+            # replaced redoes the epoch and writes the others again
+            if (not nosave) or (final_epoch and not evolve):
+                state = train_state(
+                    scaler, last_opt_step=last_opt_step, maps=maps.tolist(),
+                    stopper=(stopper.best_fitness, stopper.best_epoch),
+                )  # fmt: skip
                 ckpt = training_checkpoint(
-                    epoch, best_fitness, model, ema, optimizer, opt, distiller.state_dict() if distiller else None
-                )
+                    epoch, best_fitness, model, ema, optimizer, opt, distiller.state_dict() if distiller else None,
+                    state,
+                )  # fmt: skip
                 if best_fitness == fi:
                     save_checkpoint(ckpt, best)
-                save_checkpoint(ckpt, last)
                 if opt.save_period > 0 and epoch % opt.save_period == 0:
                     save_checkpoint(ckpt, wdir / f"epoch{epoch}.pt")
+                save_checkpoint(ckpt, last)
                 del ckpt
 
         if RANK != -1:  # every rank stops together
@@ -451,6 +474,7 @@ def main(opt: argparse.Namespace) -> tuple | None:
             opt.exist_ok, opt.resume = opt.resume, False
         opt.save_dir = str(increment_path(Path(opt.project) / opt.name, exist_ok=opt.exist_ok))
     check_train_options(opt)
+    check_writable(opt.save_dir, "--resume" if opt.resume and not opt.evolve else "--project")
 
     device = select_device(opt.device, batch_size=opt.batch_size)
     if LOCAL_RANK != -1:

@@ -27,6 +27,7 @@ from utils.general import (
     UserError,
     check_dataset,
     check_img_size,
+    check_writable,
     check_yaml,
     colorstr,
     increment_path,
@@ -171,6 +172,8 @@ def run(
         _set_precision(model, half)
         data = check_dataset(data)
     save_dir = Path(save_dir)
+    if not training:
+        check_writable(save_dir, "--project")
     (save_dir / "labels" if save_txt else save_dir).mkdir(parents=True, exist_ok=True)
     stride = max(int(torch.as_tensor(model.stride).max()), 32)
     fixed_shape = not training and not getattr(model, "dynamic", True)  # an export traced at one input shape

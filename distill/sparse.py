@@ -8,8 +8,8 @@ neighbourhood of the student feature (zeros beyond the border, as the conv's pad
 and multiplies the rows by the conv weight as a [C_t, k * k * C_s] matrix, and gather_cells picks the teacher feature
 at the same cells; imitation_loss of the two [N, C_t] matrices is the dense value, and the gradients reaching the
 student feature, the weight and the bias are the dense path's, to float32 rounding (tests/test_distill_sparse.py).
-On CPU (float32) _CellConv does the same in chunks of cells, with the products run by oneDNN; elsewhere (CUDA,
-autocast) it is the plain autograd composition.
+On CPU (float32) _CellConv does the same in chunks of cells, with the products run by oneDNN; elsewhere (CPU autocast,
+or CUDA when asked for: by default CUDA runs the dense conv, default_max_share) it is the plain autograd composition.
 """
 
 from __future__ import annotations
@@ -24,13 +24,28 @@ import torch.nn.functional as F
 SPARSE_MAX_SHARE = 0.75
 
 
+def default_max_share(device: torch.device | str) -> float:
+    """SPARSE_MAX_SHARE on CPU, where it was measured; 0 (always the dense conv) elsewhere until measured there.
+
+    On CUDA the generic sparse path keeps the whole [N, k * k * C_s] neighbourhood matrix for backward, which under
+    bf16 autocast can exceed the dense conv's memory (read from the code: 84-124 MiB vs 65 MiB at 50-74% masked cells
+    for yolov5s layer 16 -> 512 channels at 4 x 80 x 80), and the crossover was never measured on a GPU. The dense
+    path also needs no host sync. Re-measure with benchmarks/bench_train_step.py --sweep and pass
+    Distiller(sparse_max_share=...) to use it there.
+    """
+    return SPARSE_MAX_SHARE if torch.device(device).type == "cpu" else 0.0
+
+
 def masked_cells(masks: list[torch.Tensor], max_share: float = SPARSE_MAX_SHARE) -> list[torch.Tensor | None]:
     """The cells each level imitates, for the sparse path: [N] int64 indices into the flattened [B, H, W] mask
     (b * H * W + y * W + x), in that order; None for a level whose masked share is max_share or more (the dense conv
     is cheaper there). masks: [B, 1, H, W] or [B, H, W] 0/1 per level.
 
-    Reads the levels' masked-cell counts in one host sync (the only one the distillation step adds).
+    Reads the levels' masked-cell counts in one host sync (the only one the distillation step adds); none when
+    max_share <= 0 (the dense conv everywhere, default_max_share off the CPU).
     """
+    if max_share <= 0:
+        return [None] * len(masks)
     counts = torch.stack([m.count_nonzero() for m in masks]).tolist() if masks else []
     return [
         torch.nonzero_static(m.flatten(), size=n).squeeze(1) if n < max_share * m.numel() else None

@@ -1,6 +1,7 @@
 """Dataset loading: label verification and cache, rect batches, collate, RAM cache, LoadImages, the synthetic set."""
 
 import logging
+import os
 from pathlib import Path
 
 import cv2
@@ -165,6 +166,24 @@ def test_label_cache_reused_and_invalidated(tmp_path):
     write_label(tmp_path, "0", "0 0.5 0.5 0.2 0.2\n0 0.1 0.1 0.1 0.1\n")  # edited label: new hash
     ds = LoadImagesAndLabels(tmp_path / "images", img_size=64)
     assert sorted(len(x) for x in ds.labels) == [1, 1, 2]
+
+
+def test_label_cache_sees_an_edit_to_the_same_size(tmp_path):
+    """A label edited in place to the same byte count (class 1 -> 0) must not keep its cached class: the cache key
+    holds each file's modification time, not only the total size (YOLOv5's blind spot)."""
+    for i in range(2):
+        write_image(tmp_path / "images" / f"{i}.jpg")
+        write_label(tmp_path, str(i), "1 0.5 0.5 0.2 0.2\n")
+    ds = LoadImagesAndLabels(tmp_path / "images", img_size=64)
+    assert [x[:, 0].tolist() for x in ds.labels] == [[1.0], [1.0]]
+    label = tmp_path / "labels" / "0.txt"
+    before = label.stat()
+    label.write_text("0 0.5 0.5 0.2 0.2\n")  # same size
+    # a later modification time, as an edit a moment later has (the test runs faster than the clock's granularity)
+    os.utime(label, ns=(before.st_atime_ns, before.st_mtime_ns + 1_000_000))
+    assert label.stat().st_size == before.st_size
+    ds = LoadImagesAndLabels(tmp_path / "images", img_size=64)
+    assert [x[:, 0].tolist() for x in ds.labels] == [[0.0], [1.0]]
 
 
 def test_no_labels_is_a_user_error(tmp_path):

@@ -262,3 +262,47 @@ def test_check_dataset_runs_python_download_step(tmp_path):
     data = check_dataset({"path": str(tmp_path), "train": "images/val", "val": "images/val", "names": ["a"],
                           "download": step})  # fmt: skip
     assert (tmp_path / "images/val").is_dir() and data["nc"] == 1
+
+
+def test_no_runtime_union_syntax_below_the_pyproject_python():
+    """pyproject targets Python 3.9, where `None | str` outside an annotation raises TypeError at import time (the
+    annotations are strings under `from __future__ import annotations`; aliases and isinstance arguments are not)."""
+    import ast
+    from pathlib import Path
+
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    target = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["ruff"]["target-version"]
+    if (int(target[2]), int(target[3:])) >= (3, 10):
+        pytest.skip(f"pyproject targets {target}: X | Y is valid at run time")
+    types = {"None", "str", "int", "float", "bool", "list", "dict", "tuple", "Path"}
+
+    def is_type(x) -> bool:
+        if isinstance(x, ast.Constant):
+            return x.value is None
+        if isinstance(x, ast.Subscript):
+            x = x.value
+        return (
+            isinstance(x, ast.Name) and x.id in types or isinstance(x, ast.Attribute) and x.attr in {"Tensor", "Module"}
+        )
+
+    found = []
+    for file in root.glob("**/*.py"):
+        if any(part in {".git", "datasets", "runs"} for part in file.relative_to(root).parts):
+            continue
+        tree = ast.parse(file.read_text())
+        in_annotation = {
+            id(m)
+            for n in ast.walk(tree)
+            for field in ("annotation", "returns")
+            if getattr(n, field, None) is not None
+            for m in ast.walk(getattr(n, field))
+        }
+        found += [
+            f"{file.relative_to(root)}:{n.lineno}"
+            for n in ast.walk(tree)
+            if isinstance(n, ast.BinOp) and isinstance(n.op, ast.BitOr) and id(n) not in in_annotation
+            if is_type(n.left) or is_type(n.right)
+        ]
+    assert not found, f"X | Y evaluated at run time, a TypeError on {target}: {found}"

@@ -14,6 +14,7 @@ import inspect
 import os
 import pathlib
 import pickle
+import random
 import zipfile
 from copy import deepcopy
 from datetime import datetime
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from utils.downloads import attempt_download
 from utils.general import LOGGER, UserError, check_file, check_yaml, intersect_dicts
 
 # torch.nn layers that YOLOv5 models (and their older versions) are built from
@@ -67,10 +69,12 @@ def _global_name(g) -> str:
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """Load a YOLOv5 checkpoint dict without executing code from it.
 
-    Raises UserError (one line naming the file) when the file is missing, truncated, not a torch checkpoint,
-    not a dict with a 'model' entry, or references a global that is not an allowed YOLOv5 class.
+    A missing official YOLOv5 v7.0 name (yolov5s.pt, weights/yolov5l6.pt, ...) is downloaded first
+    (utils.downloads.attempt_download). Raises UserError (one line naming the file) when the file is missing (or its
+    download failed), truncated, not a torch checkpoint, not a dict with a 'model' entry, or references a global
+    that is not an allowed YOLOv5 class.
     """
-    path = Path(path)
+    path = attempt_download(path)  # an official name (yolov5s.pt, ...) that is missing: fetched from the release
     if not path.is_file():
         raise UserError(f"checkpoint {path} not found: check the --weights path")
     allowed = allowed_globals()
@@ -172,33 +176,90 @@ def load_student(
 
 
 def training_checkpoint(
-    epoch: int, best_fitness: float, model: nn.Module, ema, optimizer, opt: argparse.Namespace, distill: dict | None
+    epoch: int,
+    best_fitness: float,
+    model: nn.Module,
+    ema,
+    optimizer,
+    opt: argparse.Namespace,
+    distill: dict | None,
+    train_state: dict | None = None,
 ) -> dict:
-    """A training run's checkpoint, in YOLOv5 v7.0's layout: fp16 copies of the raw model (the optimizer's weights,
-    resumed from) and the EMA (validated, kept after training), the optimizer state, the options, plus 'distill'
-    (adapters and imitation settings of an FGFI run, None without a teacher)."""
+    """A training run's checkpoint, in YOLOv5 v7.0's layout: the raw model (the optimizer's weights, resumed from)
+    and the EMA (validated, kept after training), the optimizer state, the options, plus 'distill' (adapters and
+    imitation settings of a run with a teacher, None without) and 'train_state' (what else an exact resume needs:
+    RNG states, AMP scaler, optimizer-step phase; see train_state()).
+
+    model and ema stay in float32 while training, so that a resume continues from the very same weights (YOLOv5
+    saves fp16 copies, and a resumed run then drifts from the uninterrupted one); strip_optimizer makes the finished
+    checkpoint YOLOv5's fp16 file.
+    """
     return {
         "epoch": epoch,
         "best_fitness": best_fitness,
-        "model": deepcopy(getattr(model, "module", model)).half(),  # DDP -> the model
-        "ema": deepcopy(ema.ema).half(),
+        "model": deepcopy(getattr(model, "module", model)).float(),  # DDP -> the model
+        "ema": deepcopy(ema.ema).float(),
         "updates": ema.updates,
         "optimizer": optimizer.state_dict(),
         "opt": {k: str(v) if isinstance(v, Path) else v for k, v in vars(opt).items()},
         "git": None,
         "date": datetime.now().isoformat(),
         "distill": distill,
+        "train_state": train_state,
     }
 
 
+def train_state(scaler=None, **extra) -> dict:
+    """The random number generators' states (python, numpy, torch CPU and CUDA), the AMP scaler's state and the
+    caller's extra items (plain values: train.py's optimizer-step phase, EarlyStopping, per-class mAPs), for an exact
+    resume. Only plain containers, ints, floats, strings and tensors: it loads under weights_only."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "python_rng": random.getstate(),
+        "numpy_rng": (kind, keys.tolist(), pos, has_gauss, gauss),
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "scaler": scaler.state_dict() if scaler is not None else {},
+        **extra,
+    }
+
+
+def restore_train_state(state: dict, scaler=None) -> dict:
+    """Set the generators (and the scaler) to a train_state(); returns it for the caller's extra items."""
+    random.setstate(_as_tuples(state["python_rng"]))
+    kind, keys, pos, has_gauss, gauss = state["numpy_rng"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch_rng"])
+    if state.get("cuda_rng") and torch.cuda.is_available() and len(state["cuda_rng"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    return state
+
+
+def _as_tuples(x):
+    """random.setstate needs the tuples that a save may have turned into lists."""
+    return tuple(_as_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
 def save_checkpoint(ckpt: dict, path: str | Path) -> None:
-    """torch.save atomically: write a temporary file in the same folder, then os.replace it into place."""
+    """torch.save atomically: write a temporary file in the same folder, then os.replace it into place.
+
+    A failed write (folder deleted or read-only, disk full) is one UserError naming the file; the old file is kept."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(ckpt, tmp)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
+        if isinstance(e, RuntimeError) and "write" not in str(e).lower() and "file" not in str(e).lower():
+            raise
+        why = e.strerror if isinstance(e, OSError) and e.strerror else " ".join(str(e).split())[:120]
+        raise UserError(
+            f"could not write checkpoint {path} ({why}): is its folder {path.parent} still there and writable, "
+            "with free space?"
+        ) from None
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
@@ -241,6 +302,7 @@ def strip_optimizer(f: str | Path) -> None:
     for k in "optimizer", "best_fitness", "ema", "updates":
         x[k] = None
     x.pop("distill", None)
+    x.pop("train_state", None)
     x["epoch"] = -1
     x["model"].half()
     for p in x["model"].parameters():

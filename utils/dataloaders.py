@@ -21,7 +21,7 @@ import numpy as np
 import psutil
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, distributed
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from utils.augmentations import augment_hsv, copy_paste, letterbox, mixup, random_perspective
@@ -32,6 +32,7 @@ from utils.general import (
     NUM_THREADS,
     RANK,
     VID_FORMATS,
+    WORLD_SIZE,
     UserError,
     xyn2xy,
     xywhn2xyxy,
@@ -57,6 +58,48 @@ def seed_worker(worker_id: int) -> None:
     worker_seed = torch.initial_seed() % 2**32
     np.random.seed(worker_seed)
     random.seed(worker_seed)
+
+
+def item_seed(*keys: int) -> int:
+    """A 32-bit seed from non-negative integers (seed, epoch, index), well mixed (numpy's SeedSequence)."""
+    return int(np.random.SeedSequence([int(k) % 2**32 for k in keys]).generate_state(1)[0])
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """The training order of each epoch as a function of (seed, epoch) alone, and each image's augmentation too.
+
+    Yields (epoch, index) pairs; LoadImagesAndLabels seeds `random` and `numpy.random` from (seed, epoch, index)
+    before augmenting that image. So epoch e's batches are the same whatever ran before: a run resumed at epoch e
+    (epoch=e here) sees exactly the images and augmentations the uninterrupted run saw, with any number of loader
+    workers. Each pass over the sampler is the next epoch (train.py never calls set_epoch: the DataLoader prefetches
+    the next epoch's first batches before the loop reaches it). With world_size > 1 each rank takes every
+    world_size-th item of the shared order, padded to equal length, as torch's DistributedSampler.
+    """
+
+    def __init__(self, n: int, seed: int = 0, epoch: int = 0, shuffle: bool = True, rank: int = 0, world_size: int = 1):
+        self.n, self.seed, self.epoch, self.shuffle = n, seed, epoch, shuffle
+        self.rank, self.world_size = max(rank, 0), max(world_size, 1)
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch the next pass yields."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return math.ceil(self.n / self.world_size)
+
+    def __iter__(self):
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        if self.shuffle:
+            g = torch.Generator()
+            g.manual_seed(item_seed(self.seed, epoch))
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        if self.world_size > 1:
+            order += order[: len(self) * self.world_size - self.n]
+            order = order[self.rank :: self.world_size]
+        for index in order:
+            yield epoch, index
 
 
 class LoadImagesAndLabels(Dataset):
@@ -100,6 +143,7 @@ class LoadImagesAndLabels(Dataset):
         self.mosaic_border = [-img_size // 2, -img_size // 2]
         self.stride = stride
         self.path = path
+        self.seed = seed  # augmentation of (epoch, index) items is seeded from (seed, epoch, index): EpochSampler
 
         files = []
         for p in path if isinstance(path, (list, tuple)) else [path]:
@@ -276,12 +320,19 @@ class LoadImagesAndLabels(Dataset):
     def __len__(self) -> int:
         return len(self.im_files)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index: int | tuple[int, int]):
         """-> (image uint8 [3, H, W] RGB, labels [n, 6] (0, class, xywhn), path, shapes).
 
+        index: an image index, or (epoch, index) from EpochSampler: the augmentation's random draws are then seeded
+        from (seed, epoch, index), the same in any worker and after a resume.
         shapes is None for mosaics, else ((h0, w0), ((h / h0, w / w0), (padw, padh))) to map boxes back to the
         original image (val.py's scale_boxes).
         """
+        if isinstance(index, tuple):
+            epoch, index = index
+            s = item_seed(self.seed, epoch, index)
+            random.seed(s)
+            np.random.seed(s)
         index = self.indices[index]
         hyp = self.hyp
         if self.mosaic and random.random() < hyp["mosaic"]:
@@ -477,9 +528,14 @@ def create_dataloader(
     shuffle: bool = False,
     seed: int = 0,
     nc: int | None = None,
+    epoch: int = 0,
 ) -> tuple[DataLoader, LoadImagesAndLabels]:
     """-> (loader, dataset). Batches are (imgs uint8 [B, 3, H, W] RGB, targets [n, 6] (image index, class, xywhn),
-    paths, shapes). batch_size is per process (train.py divides by WORLD_SIZE)."""
+    paths, shapes). batch_size is per process (train.py divides by WORLD_SIZE).
+
+    A training loader (augment, shuffle or DDP) draws its order and augmentations from (seed, epoch) through
+    EpochSampler, its first pass being `epoch` (the resumed epoch): a resumed run gets the batches it would have had.
+    """
     if rect and shuffle:
         LOGGER.warning("WARNING ⚠️ --rect is incompatible with DataLoader shuffle, setting shuffle=False")
         shuffle = False
@@ -508,14 +564,17 @@ def create_dataloader(
     batch_size = min(batch_size, len(dataset))
     nd = torch.cuda.device_count()
     nw = min([os.cpu_count() // max(nd, 1), batch_size if batch_size > 1 else 0, workers])
-    sampler = None if rank == -1 else distributed.DistributedSampler(dataset, shuffle=shuffle)
+    sampler = None
+    if augment or shuffle or rank != -1:
+        ddp = rank != -1  # this process's share of each epoch: global rank RANK of WORLD_SIZE
+        sampler = EpochSampler(len(dataset), seed, epoch, shuffle, RANK if ddp else 0, WORLD_SIZE if ddp else 1)
     loader = DataLoader if image_weights else InfiniteDataLoader  # train.py reassigns dataset.indices each epoch
     generator = torch.Generator()
     generator.manual_seed(6148914691236517205 + seed + RANK)
     return loader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle and sampler is None,
+        shuffle=False,  # EpochSampler shuffles
         num_workers=nw,
         sampler=sampler,
         pin_memory=PIN_MEMORY and torch.cuda.is_available(),  # pinning without a GPU only warns

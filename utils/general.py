@@ -83,6 +83,20 @@ def increment_path(path: str | Path, exist_ok: bool = False, sep: str = "", mkdi
     return path
 
 
+def check_writable(folder: str | Path, what: str) -> None:
+    """UserError (one line naming the flag, the folder and the fix) unless files can be written in folder or, where it
+    does not exist yet, in its nearest existing parent. Creates nothing: call it before a run writes anything."""
+    probe = Path(folder).absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UserError(f"{what} {folder}: {probe} is a file, not a folder; pick another folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(
+            f"{what} {folder}: {probe} is not writable; pick a folder you can write to, or fix its permissions"
+        )
+
+
 def make_divisible(x: float, divisor: int | torch.Tensor) -> int:
     """Smallest multiple of divisor that is >= x."""
     if isinstance(divisor, torch.Tensor):
@@ -120,6 +134,10 @@ def check_file(file: str | Path, what: str = "file") -> str:
         hits = glob.glob(str(ROOT / folder / "**" / Path(file).name), recursive=True)
         if hits:
             return hits[0]
+    from utils.downloads import attempt_download  # here: utils.downloads imports this module
+
+    if attempt_download(file).is_file():  # a missing official YOLOv5 weights name: fetched from the release
+        return file
     raise UserError(f"{what} '{file}' not found: check the path")
 
 
@@ -140,8 +158,8 @@ def yaml_save(file: str | Path, data: dict) -> None:
 def check_dataset(data: str | Path | dict, autodownload: bool = True) -> dict:
     """Read a data YAML, resolve its paths, and run its `download:` step when the val images are missing.
 
-    The built-in dataset's `download:` generates it locally; URL downloads cannot run without network and
-    raise a UserError that says where to put the data.
+    The built-in dataset's `download:` generates it locally; a .zip URL (or a list of them) is fetched and unpacked
+    into the parent of `path` (utils/downloads.py); a failed download is a UserError that says where to put the data.
     """
     if isinstance(data, (str, Path)):
         data_file = check_yaml(data, "--data")
@@ -184,12 +202,12 @@ def check_dataset(data: str | Path | dict, autodownload: bool = True) -> dict:
         if not (s and autodownload):
             raise UserError(f"dataset not found: {missing} is missing and the data YAML has no download step")
         t = time.time()
-        if isinstance(s, str) and s.startswith(("http://", "https://")):
-            raise UserError(
-                f"dataset not found: {missing}. Its download URL ({s}) cannot be reached from here: "
-                f"fetch it elsewhere and unpack it under {path}"
-            )
-        if isinstance(s, str) and s.startswith("bash "):
+        urls = [s] if isinstance(s, str) else s
+        if isinstance(urls, list) and urls and all(str(u).startswith(("http://", "https://")) for u in urls):
+            from utils.downloads import download_dataset
+
+            download_dataset(urls, path.parent)  # as YOLOv5: path ../datasets/coco128 -> unzipped in ../datasets
+        elif isinstance(s, str) and s.startswith("bash "):
             LOGGER.info(f"Running {s} ...")
             if os.system(s) != 0:
                 raise UserError(f"dataset download script failed: {s}")

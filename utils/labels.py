@@ -23,10 +23,15 @@ CACHE_META_KEYS = ("hash", "results", "msgs", "version", "nc")
 
 
 def get_hash(paths: list[str]) -> str:
-    """One md5 over the paths and their total size: changes when files are added, removed or rewritten."""
-    size = sum(os.path.getsize(p) for p in paths if os.path.exists(p))
-    h = hashlib.md5(str(size).encode())
-    h.update("".join(paths).encode())
+    """One md5 over every path with its size and modification time (ns): changes when a file is added, removed or
+    rewritten, also in place to the same size (YOLOv5 hashes the total size only, and keeps stale labels then)."""
+    h = hashlib.md5()
+    for p in paths:
+        try:
+            st = os.stat(p)
+            h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:  # missing: the path alone
+            h.update(f"{p}\0-\n".encode())
     return h.hexdigest()
 
 

@@ -52,10 +52,21 @@ def resume_options(opt: argparse.Namespace, defaults: argparse.Namespace) -> arg
     (train.parse_opt's), e.g. --ft_weights new/place.pt for a teacher that moved.
     """
     last = Path(opt.resume if isinstance(opt.resume, str) else get_latest_run())
+    if last.parent.is_dir():
+        remove_stale_tmp(last.parent)  # what a kill during a checkpoint write left behind
     if not last.is_file():
-        raise UserError(f"--resume {last}: checkpoint not found; pass the run's weights/last.pt")
-    remove_stale_tmp(last.parent)  # what a kill during a checkpoint write left behind
+        last = _resume_fallback(last)
     ckpt, opt_yaml = load_checkpoint(last), last.parent.parent / "opt.yaml"
+    if ckpt.get("optimizer") is None or int(ckpt.get("epoch", -1)) < 0:  # before anything is written
+        raise UserError(
+            f"--resume {last}: a finished or stripped checkpoint (no optimizer state), nothing to resume; to train it "
+            f"further, start a new run with --weights {last}"
+        )
+    if opt.ft_weights != defaults.ft_weights and not ckpt.get("distill"):
+        raise UserError(
+            f"--resume {last}: this run had no teacher, so --ft_weights cannot join it; start a new run from it: "
+            f"python train.py --weights {last} --ft_weights {opt.ft_weights} ..."
+        )
     saved, source = (yaml_load(opt_yaml), opt_yaml) if opt_yaml.is_file() else (ckpt["opt"] or {}, last)
     given = {k: getattr(opt, k) for k in RESUME_OVERRIDES if getattr(opt, k) != getattr(defaults, k)}
     ignored = [
@@ -81,6 +92,18 @@ def resume_options(opt: argparse.Namespace, defaults: argparse.Namespace) -> arg
         )
     resumed.cfg, resumed.weights, resumed.resume, resumed.save_dir = "", str(last), True, str(last.parent.parent)
     return resumed
+
+
+def _resume_fallback(last: Path) -> Path:
+    """--resume of a last.pt that is missing: the run was killed while writing its first last.pt, after best.pt of
+    that epoch (train.py writes best.pt first). best.pt then holds the same epoch: resume from it, saying so."""
+    best = last.with_name("best.pt")
+    if last.name == "last.pt" and best.is_file():
+        ckpt = load_checkpoint(best)
+        if ckpt.get("optimizer") is not None and int(ckpt.get("epoch", -1)) >= 0:
+            LOGGER.info(f"--resume: {last} was never completed; resuming from {best} (epoch {ckpt['epoch']})")
+            return best
+    raise UserError(f"--resume {last}: checkpoint not found; pass the run's weights/last.pt")
 
 
 def get_latest_run(search_dir: str | Path = ROOT / "runs") -> str:
