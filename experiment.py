@@ -76,6 +76,9 @@ ABLATION_ARMS = {
     "fgfi-3levels-sum": {"imitation_layers": "detect", "imitation_reduce": "sum"},  # before: collapses
     "fgfi-3levels-mean": {"imitation_layers": "detect", "imitation_reduce": "mean"},
     "fgfi-3levels-channel": {"imitation_layers": "detect", "imitation_reduce": "channel"},
+    "fgfi-3levels-w0.003": {"imitation_layers": "detect", "imitation_reduce": "mean", "imitation_weight": 0.003},
+    "fgfi-3levels-w0.001": {"imitation_layers": "detect", "imitation_reduce": "mean", "imitation_weight": 0.001},
+    "fgfi-neck3": {"imitation_layers": "16,19,22", "imitation_reduce": "mean"},  # the Concats before P3/P4/P5's C3
     "fgfi-psi0.3": {"iou_factor": 0.3},
     "fgfi-psi0.7": {"iou_factor": 0.7},
     "fgfi-w0.003": {"imitation_weight": 0.003},

@@ -119,7 +119,7 @@ def train(hyp: dict | str, opt: argparse.Namespace, device: torch.device) -> tup
     names = {0: "item"} if single_cls and len(data_dict["names"]) != 1 else data_dict["names"]
 
     # Student: a checkpoint's weights transferred into a fresh model (nc may differ), or a YAML from scratch
-    model, ckpt = load_student(weights, cfg, nc, hyp.get("anchors"), resume, device)
+    model, ckpt, pretrained_head = load_student(weights, cfg, nc, hyp.get("anchors"), resume, device)
     amp = cuda  # mixed precision on CUDA only
 
     freeze = [f"model.{x}." for x in (freeze if len(freeze) > 1 else range(freeze[0]))]
@@ -197,6 +197,11 @@ def train(hyp: dict | str, opt: argparse.Namespace, device: torch.device) -> tup
         if not resume:
             if distiller and distiller.same_anchors and not opt.noautoanchor:
                 LOGGER.info(f"{colorstr('AutoAnchor: ')}skipped: --kd-weight needs the teacher's anchors")
+            elif pretrained_head and not opt.noautoanchor:  # YOLOv5 re-fits them and the head loses what it learnt
+                LOGGER.info(
+                    f"{colorstr('AutoAnchor: ')}kept the anchors the pretrained head of {weights} was trained with "
+                    "(a checkpoint with another class count, or --cfg, gets anchors fitted to the data)"
+                )
             elif not opt.noautoanchor:
                 check_anchors(dataset, model=model, thr=hyp["anchor_t"], imgsz=imgsz)
             model.half().float()  # pre-reduce anchor precision, as YOLOv5 does

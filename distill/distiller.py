@@ -23,25 +23,25 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Union
 
 import torch
 from torch import nn
 
 from distill.loss import FeatureAdapters, feature_channels
 from distill.mask import REGIONS
-from distill.sparse import SPARSE_MAX_SHARE, gather_cells, masked_cells
+from distill.sparse import default_max_share, gather_cells, masked_cells
 from distill.teacher import check_heads, load_teacher, match_layers, teacher_features, teacher_outputs
 from distill.terms import DEFAULT_REDUCTION, REDUCTIONS, TERMS, check_weight, level_weights
 from utils.general import LOGGER, UserError, check_file, colorstr
 
-LayerSpec = None | str | list[int]  # None: the default point, 'detect': Detect's inputs, or layer indices
+LayerSpec = Union[str, list[int], None]  # None: the default point, 'detect': Detect's inputs, or layer indices
 
 
 def parse_imitation_layers(value: LayerSpec | tuple) -> tuple[LayerSpec, LayerSpec]:
     """--imitation-layers -> (student spec, teacher spec or None for 'the same').
 
-    'default' (or None/''), 'detect', '17,20,23' (the same indices in both models) or '17,20,23:23,26,29' (the
+    'default' (or None/''), 'detect', 'neck', '17,20,23' (the same indices in both models) or '17,20,23:23,26,29' (the
     student's indices, then the teacher's, paired one by one). A list of ints is taken as the student's indices.
     """
     if isinstance(value, (list, tuple)):
@@ -54,8 +54,8 @@ def parse_imitation_layers(value: LayerSpec | tuple) -> tuple[LayerSpec, LayerSp
         specs = [_spec(x) for x in (student, teacher)]
     except ValueError:
         raise UserError(
-            f"--imitation-layers '{value}': use 'default', 'detect', layer indices like 17,20,23, or the student's "
-            "then the teacher's indices like 17,20,23:23,26,29"
+            f"--imitation-layers '{value}': use 'default', 'neck', 'detect', layer indices like 17,20,23, or the "
+            "student's then the teacher's indices like 17,20,23:23,26,29"
         ) from None
     return specs[0], specs[1] if ":" in text else None
 
@@ -63,8 +63,8 @@ def parse_imitation_layers(value: LayerSpec | tuple) -> tuple[LayerSpec, LayerSp
 def _spec(text: str) -> LayerSpec:
     if text in ("", "default"):
         return None
-    if text == "detect":
-        return "detect"
+    if text in ("detect", "neck"):
+        return text
     return [int(x) for x in text.split(",") if x]
 
 
@@ -111,8 +111,9 @@ class Distiller:
         iou_factor: FGFI's psi in [0, 1); imitation_region: 'fgfi', 'gtbox' or 'full'.
         imitation_weight: gain of the imitation loss (>= 0); adapter_kernel: odd adapter conv size.
         channels_last: teacher and adapters in channels_last memory format (--channels-last; the student is too).
-        sparse_max_share: run the adapters on the masked cells alone when a level's masked share is below this
-            (distill.sparse.SPARSE_MAX_SHARE, measured), the dense conv otherwise; 0 always dense, > 1 always sparse.
+        sparse_max_share: run the adapters on the masked cells alone when a level's masked share is below this, the
+            dense conv otherwise; 0 always dense, > 1 always sparse. None: distill.sparse.default_max_share, i.e.
+            SPARSE_MAX_SHARE (measured) on CPU, the dense conv on CUDA (not measured there).
         weights: the other terms' weights, {name: weight} (distill.terms.TERMS, e.g. {"kd": 1.0, "box_kd": 0.05});
             missing ones are 0 (off).
         kd_temperature: T of the output terms (distill.terms.kd_term).
@@ -132,7 +133,7 @@ class Distiller:
         imitation_weight: float = 0.01,
         adapter_kernel: int = 3,
         channels_last: bool = False,
-        sparse_max_share: float = SPARSE_MAX_SHARE,
+        sparse_max_share: float | None = None,
         weights: dict[str, float] | None = None,
         kd_temperature: float = 1.0,
         imitation_reduce: str = DEFAULT_REDUCTION,
@@ -171,7 +172,7 @@ class Distiller:
         if channels_last:
             self.teacher.to(memory_format=torch.channels_last)
             self.adapters.to(memory_format=torch.channels_last)
-        self.sparse_max_share = float(sparse_max_share)
+        self.sparse_max_share = float(default_max_share(device) if sparse_max_share is None else sparse_max_share)
         terms = ", ".join(f"{k} {w:g}" for k, w in self.loss_weights.items())
         text = f"{colorstr('Distillation: ')}teacher {self.teacher_path}, terms {terms}"
         if self.imitate:
@@ -239,13 +240,17 @@ class Distiller:
         return preds, inputs
 
     def param_groups(self, weight_decay: float) -> list[dict]:
-        """Optimizer groups for the adapters, as YOLOv5 groups the student's: weights decayed, biases not (none
-        without imitation)."""
+        """Optimizer groups for the adapters, as YOLOv5 groups the student's: weights decayed, biases not and warmed
+        up from warmup_bias_lr like the student's biases (none without imitation)."""
         if not self.imitate:
             return []
         weights = [p for name, p in self.adapters.named_parameters() if not name.endswith("bias")]
         biases = [p for name, p in self.adapters.named_parameters() if name.endswith("bias")]
-        return [{"params": weights, "weight_decay": weight_decay}, {"params": biases, "weight_decay": 0.0}]
+        # "bias": train.py's warmup starts this group at warmup_bias_lr, as YOLOv5's own bias group (group 0)
+        return [
+            {"params": weights, "weight_decay": weight_decay},
+            {"params": biases, "weight_decay": 0.0, "bias": True},
+        ]
 
     def parameters(self) -> list[nn.Parameter]:
         return list(self.adapters.parameters())

@@ -22,20 +22,22 @@ def imitation_points(model: nn.Module, imitation_layers: LayerSpec = None) -> li
     """Resolve imitation_layers to layer indices of a DetectionModel.
 
     None: the default FGFI point, the input of the layer that feeds Detect's first (highest resolution) input:
-    layer 16 (the stride-8 Concat) in yolov5s.yaml, layer 22 in the P6 models. 'detect': Detect's inputs.
-    An int or a list of ints: those layers.
+    layer 16 (the stride-8 Concat) in yolov5s.yaml, layer 22 in the P6 models. 'neck': the same point at every
+    Detect level (16, 19, 22 in yolov5s.yaml: the Concats before each level's C3). 'detect': Detect's inputs
+    (17, 20, 23). An int or a list of ints: those layers.
     """
     detect_i = len(model.model) - 1
     detect_from = [j % detect_i if j < 0 else j for j in _as_list(model.model[-1].f)]  # -1 -> detect_i - 1
     if imitation_layers is None:
-        feeder = detect_from[0]
-        src = model.model[feeder].f
-        if not isinstance(src, int):  # feeder merges several layers: imitate the feeder itself
-            return [feeder]
-        return [src % feeder if src < 0 else src]
+        return [_input_of(model, detect_from[0])]
     if isinstance(imitation_layers, str):
-        if imitation_layers.strip().lower() != "detect":
-            raise UserError(f"--imitation-layers '{imitation_layers}' is not valid: use 'detect' or layer indices")
+        kind = imitation_layers.strip().lower()
+        if kind == "neck":
+            return [_input_of(model, j) for j in detect_from]
+        if kind != "detect":
+            raise UserError(
+                f"--imitation-layers '{imitation_layers}' is not valid: use 'detect', 'neck' or layer indices"
+            )
         return detect_from
     layers = _as_list(imitation_layers)
     for i in layers:
@@ -92,6 +94,14 @@ def forward_imitation(
     if imitation_layers is None or isinstance(imitation_layers, int):
         return preds, features[0], masks[0]
     return preds, features, masks
+
+
+def _input_of(model: nn.Module, feeder: int) -> int:
+    """The layer whose output feeds layer `feeder` (its single input), or feeder itself when it merges several."""
+    src = model.model[feeder].f
+    if not isinstance(src, int):
+        return feeder
+    return src % feeder if src < 0 else src
 
 
 def _as_list(x) -> list:

@@ -224,3 +224,18 @@ def test_strip_optimizer_keeps_the_ema_as_model_and_drops_training_state_and_ada
     assert not any(p.requires_grad for p in x["model"].parameters())
     for a, b in zip(x["model"].state_dict().values(), ema.half().state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_load_student_says_whether_the_head_came_pretrained(tmp_path):
+    """train.py keeps the anchors of a pretrained head (AutoAnchor would re-fit them and the head would lose what it
+    learnt); a head of another class count, or a --cfg / hyp anchors that replace them, is not pretrained."""
+    from tests.conftest import save_random_model
+    from utils.checkpoint import load_student
+
+    ckpt = save_random_model("yolov5n", tmp_path / "n8.pt", nc=8)
+    device = torch.device("cpu")
+    model, _, pretrained = load_student(ckpt, "", 8, None, False, device)
+    assert pretrained and torch.equal(model.model[-1].anchors, load_checkpoint(ckpt)["model"].model[-1].anchors.float())
+    assert load_student(ckpt, "", 3, None, False, device)[2] is False  # other nc: the head's convs are new
+    assert load_student(ckpt, "yolov5n.yaml", 8, None, False, device)[2] is False  # --cfg: anchors from the YAML
+    assert load_student("", "yolov5n.yaml", 8, None, False, device)[2] is False  # from scratch

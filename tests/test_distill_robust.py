@@ -75,14 +75,38 @@ def _dead_pid() -> int:
     return proc.pid
 
 
-def test_p6_teacher_p5_student_any_multiple_of_32(tmp_path, tiny_data, teachers):
-    """Item 1: a P6 teacher beside a P5 student at --img 96, --rect and --multi-scale."""
+def test_p6_teacher_p5_student_any_multiple_of_32(tmp_path, tiny_data, teachers, monkeypatch, log_lines):
+    """Item 1: a P6 teacher beside a P5 student at --img 96, --rect and --multi-scale. The image grid is the teacher's
+    (stride 64): --img 96 becomes 128 and every training batch, rectangular and rescaled, has sides that are multiples
+    of 64, so the two default stride-8 points (student layer 16, teacher 22) line up cell for cell at every step."""
+    from distill import Distiller
+
+    steps = []
+    real_call = Distiller.__call__
+
+    def recording_call(self, student, imgs, targets):
+        preds, inputs = real_call(self, student, imgs, targets)
+        steps.append((self, tuple(imgs.shape), inputs))
+        return preds, inputs
+
+    monkeypatch.setattr(Distiller, "__call__", recording_call)
     train.run(
         data=str(tiny_data), cfg="yolov5n.yaml", ft_weights=str(teachers["p6"]), epochs=1, imgsz=96, rect=True,
         multi_scale=True, project=str(tmp_path), name="p6", **COMMON,
     )  # fmt: skip
-    epochs, df = _epochs(tmp_path / "p6")  # default points: student layer 16, teacher 22, both stride 8
+    epochs, df = _epochs(tmp_path / "p6")
     assert epochs == [0] and (df["train/imitation_loss"] > 0).all()
+    distiller = steps[0][0]
+    assert (distiller.student_layers, distiller.teacher_layers, distiller.stride) == ([16], [22], 64)
+    sizes = [m.split("\n")[0] for m in log_lines if m.startswith("Image sizes")]
+    assert sizes == ["Image sizes 128 train, 128 val"], sizes  # --img 96 rounded up to the teacher's 64 grid
+    assert len(steps) == 2  # 16 images, batch 8
+    for _, (b, _, h, w), inputs in steps:
+        assert h % 64 == 0 and w % 64 == 0 and max(h, w) in (64, 128, 192), (h, w)  # --multi-scale: 0.5-1.5 x 128
+        (mask,), (s,), (t,) = inputs["mask"], inputs["student"], inputs["teacher"]
+        assert mask.shape == (b, 1, h // 8, w // 8)  # the student's stride-8 map covers the whole image
+        n = int(mask.sum())
+        assert n > 0 and s.shape == t.shape and s.shape in ((n, t.shape[-1]), (b, t.shape[1], h // 8, w // 8))
 
 
 def test_kill_at_any_point_then_resume(tmp_path, tiny_data, teachers, monkeypatch):
@@ -148,6 +172,8 @@ def test_kill_at_any_point_then_resume(tmp_path, tiny_data, teachers, monkeypatc
     epochs, df = _epochs(run_dir)
     assert epochs == [0, 1]  # 2c: each epoch exactly once
     assert {"x/lr0", "x/lr3", "x/lr4"} <= set(df.columns)  # 5: the adapters' learning rate is logged
+    assert (df["x/lr4"] == df["x/lr0"]).all()  # the adapters' biases warm up from warmup_bias_lr, as the student's
+    assert (df["x/lr4"] > 10 * df["x/lr3"]).all()  # still in warmup: weights rise from 0, biases fall from 0.1
     for f in "best.pt", "last.pt":  # 4: stripped to a plain YOLOv5 checkpoint
         final = load_checkpoint(wdir / f)
         assert "distill" not in final and final["optimizer"] is None and final["epoch"] == -1
@@ -166,7 +192,10 @@ def test_resume_options_override_and_keep_one_source(tmp_path, teachers):
     distiller = Distiller(student, teachers["wide"], "cpu", iou_factor=0.3, imitation_region="gtbox")
     last = tmp_path / "exp/weights/last.pt"
     opt = {**vars(train.parse_opt(True, args=[])), "ft_weights": "elsewhere.pt", "iou_factor": 0.9, "workers": 3}
-    save_checkpoint({"epoch": 0, "model": student, "opt": opt, "distill": distiller.state_dict()}, last)
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.01).state_dict()  # a run in progress has one
+    save_checkpoint(
+        {"epoch": 0, "model": student, "optimizer": optimizer, "opt": opt, "distill": distiller.state_dict()}, last
+    )
     (tmp_path / "exp/opt.yaml").write_text(yaml.safe_dump(opt))
     defaults = train.parse_opt(True, args=[])
     given = train.parse_opt(True, args=["--resume", str(last)])
@@ -231,6 +260,7 @@ def test_separate_teacher_layer_indices(teachers):
 
     assert parse_imitation_layers("17,20,23:23,26,29") == ([17, 20, 23], [23, 26, 29])
     assert parse_imitation_layers("detect") == ("detect", None) and parse_imitation_layers("default") == (None, None)
+    assert parse_imitation_layers("neck") == ("neck", None)
     with pytest.raises(UserError, match="--imitation-layers"):
         parse_imitation_layers("17,20:x")
     student = DetectionModel("yolov5n.yaml", nc=8)

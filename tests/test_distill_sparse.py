@@ -4,13 +4,22 @@ and its bias; and the Distiller taking the sparse path by default with the dense
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from distill import Distiller
 from distill.loss import Adapter, FeatureAdapters, imitation_loss
-from distill.sparse import SPARSE_MAX_SHARE, _CellConv, gather_cells, masked_cells, neighbourhoods
+from distill.sparse import (
+    SPARSE_MAX_SHARE,
+    _CellConv,
+    default_max_share,
+    gather_cells,
+    masked_cells,
+    neighbourhoods,
+)
 from models.yolo import DetectionModel
 from utils.general import yaml_load
 from utils.loss import ComputeLoss
@@ -148,8 +157,62 @@ def test_gathered_loss_needs_no_mask_and_never_divides_by_zero():
     assert loss.item() == 0.0 and empty.grad.shape == (0, 2)
 
 
-def test_default_crossover_is_a_share():
-    assert 0 < SPARSE_MAX_SHARE <= 1
+def test_default_share_by_device_and_no_sync_when_dense(monkeypatch):
+    """The measured crossover on CPU, the dense conv elsewhere (not measured there); with max_share <= 0 masked_cells
+    never reads the masks' counts (no host sync on CUDA)."""
+    assert default_max_share("cpu") == default_max_share(torch.device("cpu")) == SPARSE_MAX_SHARE
+    for device in ("cuda", "cuda:1", torch.device("cuda", 0), "mps"):  # a device string needs no GPU to be read
+        assert default_max_share(device) == 0.0, device
+    masks = [torch.zeros(2, 1, 4, 4), torch.ones(2, 4, 4)]
+    masks[0][0, 0, 1, 1] = 1  # 1 of 32 cells: the sparse path at any share > 1/32
+    assert masked_cells(masks, 0.5)[0].tolist() == [5]
+
+    def no_sync(*args, **kwargs):
+        raise AssertionError("masked_cells read the masks' counts")
+
+    for name in ("count_nonzero", "tolist", "item", "nonzero", "sum", "__bool__", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, no_sync)
+    monkeypatch.setattr(torch, "nonzero_static", no_sync)
+    monkeypatch.setattr(torch, "count_nonzero", no_sync)
+    with pytest.raises(AssertionError, match="read the masks' counts"):  # the patches do catch a count
+        masked_cells(masks, 0.5)
+    for max_share in (0.0, -1.0):
+        assert masked_cells(masks, max_share) == [None, None]
+    assert masked_cells([], 0.0) == []
+
+
+def test_distiller_on_cpu_goes_sparse_just_below_the_crossover(teacher_pt):
+    """A Distiller on CPU defaults to SPARSE_MAX_SHARE and takes the sparse path for a level whose masked share is
+    below it, the dense conv from it on: masks of exactly the crossover share and one cell fewer."""
+    torch.manual_seed(0)
+    student = DetectionModel("yolov5n.yaml", nc=8).train()
+    distiller = Distiller(student, teacher_pt, "cpu")  # default layer 16: stride 8, 8 x 8 cells at 64 x 64
+    assert distiller.sparse_max_share == SPARSE_MAX_SHARE
+    imgs, targets = torch.rand(1, 3, 64, 64), torch.tensor([[0, 1, 0.5, 0.5, 0.4, 0.4]])
+    cells = 8 * 8
+    at = math.ceil(SPARSE_MAX_SHARE * cells)  # the fewest masked cells with a share >= the crossover
+    assert 0 < at <= cells and (at - 1) / cells < SPARSE_MAX_SHARE <= at / cells
+    assert at / cells == SPARSE_MAX_SHARE  # 0.75 of 64 cells is a whole number: the boundary itself is tested
+
+    def student_with_mask(n: int):
+        """The student, its imitation mask replaced by one with the first n cells set."""
+
+        def forward(x, **kwargs):
+            preds, features, masks = student(x, **kwargs)
+            mask = torch.zeros_like(masks[0])
+            mask.view(-1)[:n] = 1
+            return preds, features, [mask]
+
+        return forward
+
+    for n, sparse in ((at - 1, True), (at, False), (cells, False), (1, True)):
+        _, inputs = distiller(student_with_mask(n), imgs, targets)
+        s, t = inputs["student"][0], inputs["teacher"][0]
+        if sparse:
+            assert s.shape == t.shape == (n, 256), (n, s.shape)
+        else:
+            assert s.shape == t.shape == (1, 256, 8, 8), (n, s.shape)
+        assert inputs["mask"][0].shape == (1, 1, 8, 8) and int(inputs["mask"][0].sum()) == n
 
 
 @pytest.mark.parametrize("layers", [None, [17, 20, 23]])

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import re
 from copy import deepcopy
 
+import pandas as pd
 import pytest
 import torch
 
-from distill import FeatureAdapters, feature_channels, imitation_loss, load_teacher, teacher_features
+import distill.distiller
+import train
+from distill import Distiller, FeatureAdapters, feature_channels, imitation_loss, load_teacher, teacher_features
 from models.yolo import DetectionModel
-from utils.checkpoint import save_checkpoint
+from utils.checkpoint import load_checkpoint, save_checkpoint
 from utils.general import ROOT, UserError, make_divisible, yaml_load
 
 IMGSZ = 64
@@ -58,11 +62,39 @@ def batch(n_images: int = 2):
     return imgs, targets
 
 
-def test_teacher_is_frozen_eval_and_outside(models, teacher):
-    assert not teacher.training and all(not m.training for m in teacher.modules())
-    assert all(not p.requires_grad for p in teacher.parameters())
-    assert all(p.dtype == torch.float32 for p in teacher.parameters())  # fp16 only on CUDA by default
-    assert not any(p is q for p in teacher.parameters() for q in models["student"].parameters())
+def _storages(model: torch.nn.Module) -> set[int]:
+    """Where each parameter's and buffer's memory lives (a tensor sharing another's storage has the same pointer)."""
+    return {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+
+
+def test_teacher_is_frozen_eval_and_outside(models, teacher, unfused_teacher):
+    for t in (teacher, unfused_teacher):
+        assert not t.training and all(not m.training for m in t.modules())
+        assert all(not p.requires_grad for p in t.parameters())
+        assert all(p.dtype == torch.float32 for p in t.parameters())  # fp16 only on CUDA by default
+        assert not _storages(t) & _storages(models["student"])  # no tensor memory shared with the student
+    # a training step of the student and adapters, with BN in train mode, moves no teacher weight or BN statistic
+    student = deepcopy(models["student"]).train()
+    s_layers, t_layers = student.imitation_points(), unfused_teacher.imitation_points()
+    adapters = FeatureAdapters(
+        feature_channels(student, s_layers, IMGSZ), feature_channels(unfused_teacher, t_layers, IMGSZ)
+    )
+    before = {k: v.clone() for k, v in unfused_teacher.state_dict().items()}
+    student_before = {k: v.clone() for k, v in student.state_dict().items()}
+    optimizer = torch.optim.SGD([*student.parameters(), *adapters.parameters()], lr=0.5)
+    imgs, targets = batch()
+    with torch.enable_grad():
+        _, s_feats, masks = student(imgs, target=targets)
+        t_feats = teacher_features(unfused_teacher, imgs, t_layers)
+        loss = imitation_loss(adapters([s_feats])[0], t_feats[0], masks)
+    assert not t_feats[0].requires_grad and t_feats[0].grad_fn is None  # nothing to carry a gradient back
+    loss.backward()
+    optimizer.step()
+    assert loss.item() > 0 and all(p.grad is None for p in unfused_teacher.parameters())
+    assert not unfused_teacher.training
+    assert not [k for k, v in unfused_teacher.state_dict().items() if not torch.equal(v, before[k])]
+    moved = [k for k, v in student.state_dict().items() if not torch.equal(v, student_before[k])]
+    assert any("running_mean" in k for k in moved) and any(k.endswith("conv.weight") for k in moved)
     feats = teacher_features(teacher, batch()[0], teacher.imitation_points())
     assert len(feats) == 1 and feats[0].dtype == torch.float32 and not feats[0].requires_grad
     assert feats[0].shape[-2:] == (IMGSZ // 8, IMGSZ // 8)  # default point: stride 8
@@ -88,36 +120,74 @@ def test_wider_teacher_adapters_map_channels(models, teacher):
         t_feats = teacher_features(teacher, imgs, t_layers)
         adapted = adapters(s_feats)
         assert [a.shape for a in adapted] == [t.shape for t in t_feats]
-        assert all(torch.isfinite(imitation_loss(a, t, m)) for a, t, m in zip(adapted, t_feats, masks))
+        assert sum(int(m.sum()) for m in masks) > 0, imitation_layers  # some cells imitated: a nonzero loss
+        for a, t, m in zip(adapted, t_feats, masks):
+            # eq. 2-3 by hand in float64: sum over b, c, y, x of I * (s - t)^2, over 2 * N_p (N_p floored at 1)
+            a64, t64, m64 = a.detach().double(), t.double(), m.double()
+            expected = (m64 * (a64 - t64) ** 2).sum() / (2 * max(float(m64.sum()), 1.0))
+            loss = imitation_loss(a, t, m)
+            assert loss.dtype == torch.float32 and loss.dim() == 0
+            torch.testing.assert_close(loss.double(), expected, rtol=2e-6, atol=0)
+            if m.sum() == 0:
+                assert loss.item() == 0.0
     # Layer 16 (default point) concatenates two 256 * width layers: 32 channels for the student, 64 for the teacher
     expected = [2 * make_divisible(256 * w, 8) for w in (0.0625, 0.125)]
     assert [feature_channels(student, [16], IMGSZ)[0], feature_channels(teacher, [16], IMGSZ)[0]] == expected
 
 
-def test_training_loop_moves_student_not_teacher(models, unfused_teacher):
-    student, teacher = deepcopy(models["student"]).train(), unfused_teacher
-    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in teacher.modules())
-    layers, t_layers = student.imitation_points(), teacher.imitation_points()
-    adapters = FeatureAdapters(feature_channels(student, layers, IMGSZ), feature_channels(teacher, t_layers, IMGSZ))
-    teacher_state = {k: v.clone() for k, v in teacher.state_dict().items()}  # weights and BN running stats
-    student_before = {k: v.clone() for k, v in student.state_dict().items()}
-    adapter_before = {k: v.clone() for k, v in adapters.state_dict().items()}
-    optimizer = torch.optim.SGD([*student.parameters(), *adapters.parameters()], lr=0.1)
-    for _ in range(2):
-        imgs, targets = batch()
-        preds, feat, mask = student(imgs, target=targets)
-        loss = imitation_loss(adapters([feat])[0], teacher_features(teacher, imgs, t_layers)[0], mask)
-        loss = loss + 0 * sum(p.sum() for p in preds)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+@pytest.mark.slow
+def test_train_py_moves_student_and_adapters_not_teacher(tmp_path, tiny_data, models, monkeypatch):
+    """train.py's own loop, one distilled epoch: the student's weights and BN statistics and the adapters move; the
+    teacher (kept unfused here, so that its BN statistics can be watched) keeps every tensor bit for bit, gets no
+    gradient, stays frozen in eval mode and is in no optimizer group and no saved checkpoint."""
+    seen = {"modes": []}
+    real_load_teacher, real_optimizer = distill.distiller.load_teacher, train.smart_optimizer
+    real_call = Distiller.__call__
 
-    assert loss.item() > 0
-    assert not teacher.training
-    assert all(torch.equal(v, teacher_state[k]) for k, v in teacher.state_dict().items())
-    assert all(p.grad is None for p in teacher.parameters())
-    assert any(not torch.equal(v, student_before[k]) for k, v in student.state_dict().items() if "running" in k)
-    assert any(not torch.equal(v, adapter_before[k]) for k, v in adapters.state_dict().items())
+    def unfused_teacher(*args, **kwargs):
+        seen["teacher"] = teacher = real_load_teacher(*args, **{**kwargs, "fuse": False})
+        seen["teacher_before"] = {k: v.clone() for k, v in teacher.state_dict().items()}
+        return teacher
+
+    def recording_optimizer(model, *args, **kwargs):
+        seen["student"], seen["student_before"] = model, {k: v.clone() for k, v in model.state_dict().items()}
+        seen["optimizer"] = real_optimizer(model, *args, **kwargs)
+        return seen["optimizer"]
+
+    def recording_call(self, student, imgs, targets):
+        if "adapters_before" not in seen:  # the first step, before any optimizer step
+            seen["distiller"] = self
+            seen["adapters_before"] = {k: v.clone() for k, v in self.adapters.state_dict().items()}
+        seen["modes"].append(self.teacher.training or any(m.training for m in self.teacher.modules()))
+        return real_call(self, student, imgs, targets)
+
+    monkeypatch.setattr(distill.distiller, "load_teacher", unfused_teacher)
+    monkeypatch.setattr(train, "smart_optimizer", recording_optimizer)
+    monkeypatch.setattr(Distiller, "__call__", recording_call)
+    train.run(
+        data=str(tiny_data), cfg="yolov5n.yaml", ft_weights=models["wide"], epochs=1, imgsz=64, batch_size=4,
+        device="cpu", workers=0, noplots=True, noautoanchor=True, project=str(tmp_path), name="d", exist_ok=True,
+    )  # fmt: skip
+    teacher, student, adapters = seen["teacher"], seen["student"], seen["distiller"].adapters
+    assert seen["modes"] == [False] * 4  # 16 images, batch 4: four steps, the teacher in eval mode at every one
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in teacher.modules())
+    changed = [k for k, v in teacher.state_dict().items() if not torch.equal(v, seen["teacher_before"][k])]
+    assert not changed, changed  # weights and BN running statistics
+    assert not teacher.training and all(not p.requires_grad and p.grad is None for p in teacher.parameters())
+    # the optimizer trains the student and the adapters, never a teacher tensor (same objects here: one process)
+    trained = [p for group in seen["optimizer"].param_groups for p in group["params"]]
+    assert not {id(p) for p in trained} & {id(p) for p in teacher.parameters()}
+    assert not {p.untyped_storage().data_ptr() for p in trained} & _storages(teacher)
+    assert {id(p) for p in adapters.parameters()} <= {id(p) for p in trained}
+    moved = [k for k, v in student.state_dict().items() if not torch.equal(v, seen["student_before"][k])]
+    assert any("running_mean" in k for k in moved) and any(k.endswith("conv.weight") for k in moved)
+    assert all(not torch.equal(v, seen["adapters_before"][k]) for k, v in adapters.state_dict().items())
+    # what train.py wrote: an imitation loss each epoch, and plain student checkpoints without teacher tensors
+    df = pd.read_csv(tmp_path / "d/results.csv", skipinitialspace=True).rename(columns=str.strip)
+    assert list(df["epoch"]) == [0] and (df["train/imitation_loss"] > 0).all()
+    for f in ("best.pt", "last.pt"):
+        ckpt = load_checkpoint(tmp_path / "d/weights" / f)
+        assert "distill" not in ckpt and set(ckpt["model"].state_dict()) == set(student.state_dict()), f
 
 
 def test_stride_mismatch_names_both(models):
@@ -137,7 +207,11 @@ def test_class_count_mismatch_warns(models, log_lines):
     load_teacher(models["wide"], models["student"], "cpu", fuse=False)
     assert not any("classes" in m for m in log_lines)
     teacher = load_teacher(models["p6"], models["student"], "cpu", fuse=False)  # default points: both stride 8
-    assert any("5 classes" in m and "3" in m for m in log_lines)
+    warning = re.compile(
+        rf"--ft_weights {re.escape(models['p6'])}: teacher has 5 classes, student 3; distilling anyway "
+        r"\(only neck features are imitated\)"
+    )
+    assert len([m for m in log_lines if warning.search(m)]) == 1, log_lines
     assert teacher.model[-1].nc == 5
 
 

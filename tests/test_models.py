@@ -257,6 +257,10 @@ def test_default_imitation_point_from_routing(cfg, point):
     assert model.imitation_points() == [point]
     assert model.imitation_points("detect") == list(model.model[-1].f)
     assert isinstance(model.model[point], Concat)
+    # 'neck': the default point's rule at every level: the Concat feeding each Detect input's C3, stride by stride
+    neck = model.imitation_points("neck")
+    assert neck[0] == point and len(neck) == model.model[-1].nl
+    assert neck == [j - 1 for j in model.model[-1].f] and all(isinstance(model.model[j], Concat) for j in neck)
 
 
 def _box_target(model, image, level=0, cell=(3, 5), size=(64, 64)):

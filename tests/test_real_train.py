@@ -50,9 +50,10 @@ def _results(run_dir: Path) -> pd.DataFrame:
 def finetuned(tmp_path_factory) -> tuple[Path, float]:
     """One fine-tuning run shared by the tests below, and the pretrained checkpoint's mAP50-95 at the same 320 px.
 
-    --noautoanchor: at 320 px a third of COCO128's boxes are small beside yolov5n's 640-px anchors (BPR 0.957 < 0.98),
-    so AutoAnchor replaces the anchors the pretrained head was trained with, as official YOLOv5 does, and the first
-    epoch's mAP50-95 falls to 0.196 (measured); with the pretrained anchors kept it is 0.276."""
+    YOLOv5's tutorial command, without --noautoanchor: at 320 px a third of COCO128's boxes are small beside yolov5n's
+    640-px anchors (BPR 0.957 < 0.98), so official YOLOv5's AutoAnchor replaces the anchors the pretrained head was
+    trained with, and the first epoch's mAP50-95 falls to 0.196 (measured); train.py keeps a pretrained head's anchors
+    (0.276)."""
     project = tmp_path_factory.mktemp("finetune")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(ROOT)  # the data YAML's path is relative to the project root, as YOLOv5's
@@ -62,7 +63,7 @@ def finetuned(tmp_path_factory) -> tuple[Path, float]:
         )  # fmt: skip
         train.run(
             data=str(DATA), weights=str(WEIGHTS), imgsz=320, epochs=1, batch_size=16, device="cpu", workers=0,
-            project=str(project), name="exp", noplots=True, noautoanchor=True,
+            project=str(project), name="exp", noplots=True,
         )  # fmt: skip
     return project / "exp", pretrained
 
@@ -86,7 +87,7 @@ def test_finetune_writes_a_yolov5_run_folder(finetuned):
 def test_finetune_first_epoch_keeps_the_pretrained_map(finetuned):
     """Measured (2-vCPU box, torch 2.14 CPU): pretrained 0.290, after the first epoch 0.276 (0.95x; mAP50 0.453 ->
     0.468). 0.85x leaves room for other CPUs and torch versions and still fails on a broken transfer, optimizer
-    or loss, or on replaced anchors (0.196, 0.68x)."""
+    or loss, or on anchors replaced by AutoAnchor (0.196, 0.68x)."""
     run_dir, pretrained = finetuned
     assert pretrained == pytest.approx(0.290, abs=0.002)  # the checkpoint on COCO128 at 320 px, batch 32
     map5095 = float(_results(run_dir)["metrics/mAP_0.5:0.95"].iloc[0])

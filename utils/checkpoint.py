@@ -154,8 +154,9 @@ def attempt_load(weights: str | Path | list, device=None, inplace: bool = True, 
 
 def load_student(
     weights: str | Path, cfg: str | Path, nc: int, anchors, resume: bool, device: torch.device
-) -> tuple[nn.Module, dict | None]:
-    """train.py's student: (DetectionModel on device, its checkpoint or None).
+) -> tuple[nn.Module, dict | None, bool]:
+    """train.py's student: (DetectionModel on device, its checkpoint or None, whether its Detect head came
+    pretrained from the checkpoint with its anchors).
 
     weights (a .pt): its weights transferred into a fresh model built from cfg or the checkpoint's own YAML (nc may
     differ; anchors are re-fitted unless resuming); a resume takes the raw 'model', whose weights the saved optimizer
@@ -164,7 +165,7 @@ def load_student(
     from models.yolo import DetectionModel
 
     if not str(weights).endswith(".pt"):
-        return DetectionModel(check_yaml(cfg, "--cfg"), ch=3, nc=nc, anchors=anchors).to(device), None
+        return DetectionModel(check_yaml(cfg, "--cfg"), ch=3, nc=nc, anchors=anchors).to(device), None, False
     ckpt = load_checkpoint(check_file(weights, "--weights"))
     src = ckpt["model"] if resume else ckpt.get("ema") or ckpt["model"]
     model = DetectionModel(cfg or src.yaml, ch=3, nc=nc, anchors=anchors).to(device)
@@ -172,7 +173,9 @@ def load_student(
     csd = intersect_dicts(src.float().state_dict(), model.state_dict(), exclude=exclude)
     model.load_state_dict(csd, strict=False)
     LOGGER.info(f"Transferred {len(csd)}/{len(model.state_dict())} items from {weights}")
-    return model, ckpt
+    head = f"model.{len(model.model) - 1}."  # Detect: its output convs and anchors both transferred
+    pretrained_head = any(k.startswith(head + "m.") for k in csd) and f"{head}anchors" in csd
+    return model, ckpt, pretrained_head
 
 
 def training_checkpoint(
