@@ -54,10 +54,9 @@ def resume_options(opt: argparse.Namespace, defaults: argparse.Namespace) -> arg
     last = Path(opt.resume if isinstance(opt.resume, str) else get_latest_run())
     if last.parent.is_dir():
         remove_stale_tmp(last.parent)  # what a kill during a checkpoint write left behind
-    if not last.is_file():
-        last = _resume_fallback(last)
-    ckpt, opt_yaml = load_checkpoint(last), last.parent.parent / "opt.yaml"
-    if ckpt.get("optimizer") is None or int(ckpt.get("epoch", -1)) < 0:  # before anything is written
+    last, ckpt = (last, load_checkpoint(last)) if last.is_file() else _resume_fallback(last)
+    opt_yaml = last.parent.parent / "opt.yaml"
+    if not _resumable(ckpt):  # before anything is written
         raise UserError(
             f"--resume {last}: a finished or stripped checkpoint (no optimizer state), nothing to resume; to train it "
             f"further, start a new run with --weights {last}"
@@ -94,15 +93,21 @@ def resume_options(opt: argparse.Namespace, defaults: argparse.Namespace) -> arg
     return resumed
 
 
-def _resume_fallback(last: Path) -> Path:
+def _resumable(ckpt: dict) -> bool:
+    """A checkpoint of a run in progress: optimizer state and a finished epoch (stripped ones have neither)."""
+    return ckpt.get("optimizer") is not None and int(ckpt.get("epoch", -1)) >= 0
+
+
+def _resume_fallback(last: Path) -> tuple[Path, dict]:
     """--resume of a last.pt that is missing: the run was killed while writing its first last.pt, after best.pt of
-    that epoch (train.py writes best.pt first). best.pt then holds the same epoch: resume from it, saying so."""
+    that epoch (train.py writes best.pt first). best.pt then holds the same epoch: resume from it, saying so.
+    Returns (best.pt, its checkpoint)."""
     best = last.with_name("best.pt")
     if last.name == "last.pt" and best.is_file():
         ckpt = load_checkpoint(best)
-        if ckpt.get("optimizer") is not None and int(ckpt.get("epoch", -1)) >= 0:
+        if _resumable(ckpt):
             LOGGER.info(f"--resume: {last} was never completed; resuming from {best} (epoch {ckpt['epoch']})")
-            return best
+            return best, ckpt
     raise UserError(f"--resume {last}: checkpoint not found; pass the run's weights/last.pt")
 
 
