@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from distill.loss import imitation_loss
 from utils.metrics import bbox_iou
@@ -145,33 +144,34 @@ class _LogitKL(torch.autograd.Function):
     s, t [B, na, H, W, 5 + nc]; cls_weight [B, na, H, W] or None (no class part).
 
     Written out because autograd's composition of the same formula (two slices, two BCEs, means) made a dozen
-    full-size passes in backward and cost more than the whole student step at nc = 80 on CPU (benchmarks/RESULTS.md):
-    here the forward is softplus(s') - softplus(t') - p * (s' - t') (s' = s / T, p = sigmoid(t')) and the backward
-    writes T * weight * (sigmoid(s') - p) straight into the gradient of s."""
+    full-size passes in backward and cost more than the whole student step at nc = 80 on CPU (benchmarks/RESULTS.md).
+    With s' = s / T, t' = t / T, a = sigmoid(-s') = 1 - q and b = sigmoid(-t') = 1 - p, the forward is
+    KL = log b - log a - (1 - b) * (s' - t') (= softplus(s') - softplus(t') - p * (s' - t'); log of a sigmoid is 4x
+    cheaper than softplus on CPU) and keeps q - p = b - a, which the backward scales by T * weight into the
+    gradient of s. a is floored at the smallest normal float, so a logit above ~87 T gives a finite loss value (its
+    gradient is exact)."""
 
     @staticmethod
     def forward(ctx, s, t, obj_weight: float, cls_weight, temperature: float):
         end = None if cls_weight is not None else 5  # single class: the objectness column alone
         st, tt = _tempered(s, end, temperature), _tempered(t, end, temperature)
-        kl = F.softplus(st)
-        kl -= F.softplus(tt)
-        kl.addcmul_(tt.sigmoid(), st - tt, value=-1)  # softplus(s') - softplus(t') - p * (s' - t'), in place
+        a = torch.sigmoid(-st).clamp_(min=torch.finfo(st.dtype).tiny)  # 1 - q
+        b = torch.sigmoid(-tt)  # 1 - p
+        kl = b.log()
+        kl -= a.log()
+        kl.addcmul_(b - 1, st - tt)  # log b - log a - p * (s' - t'), in place
         loss = obj_weight * kl[..., 0].sum()
         if cls_weight is not None:
             loss = loss + (cls_weight * kl[..., 1:].sum(-1)).sum()
-        ctx.save_for_backward(s, t, cls_weight)
-        ctx.obj_weight, ctx.temperature = obj_weight, temperature
+        ctx.save_for_backward(b.sub_(a), cls_weight)  # q - p
+        ctx.obj_weight, ctx.temperature, ctx.shape = obj_weight, temperature, s.shape
         return loss * temperature**2
 
     @staticmethod
     def backward(ctx, grad):
-        s, t, cls_weight = ctx.saved_tensors
-        temperature = ctx.temperature
-        end = None if cls_weight is not None else 5
-        diff = _tempered(s, end, temperature).sigmoid()
-        diff -= _tempered(t, end, temperature).sigmoid()
-        scale = grad * temperature  # d(T^2 * KL) / ds = T^2 * (q - p) / T
-        out = torch.zeros_like(s)
+        diff, cls_weight = ctx.saved_tensors
+        scale = grad * ctx.temperature  # d(T^2 * KL) / ds = T^2 * (q - p) / T
+        out = diff.new_zeros(ctx.shape)
         torch.mul(diff[..., 0], scale * ctx.obj_weight, out=out[..., 4])
         if cls_weight is not None:
             torch.mul(diff[..., 1:], (scale * cls_weight).unsqueeze(-1), out=out[..., 5:])

@@ -131,6 +131,28 @@ def test_kd_term_gradient_is_the_formulas(temperature, nc):
     assert (s.grad[..., :4] == 0).all()  # the box columns are box_kd's
 
 
+def test_kd_term_stays_finite_with_extreme_student_logits():
+    """Student logits of +-120 (sigmoid(-120) is 0 in float32): a finite loss, close to the float64 formula where
+    float32 can hold it, and the gradient still T * weight * (q - p)."""
+    teacher = random_outputs(4, 3, shapes=[(2, 2)])
+    student = [torch.where(t > 0, -120.0, 120.0) for t in random_outputs(5, 3, shapes=[(2, 2)])]
+    s = student[0].requires_grad_()
+    loss = kd_term(preds=[s], teacher_preds=teacher)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(s.grad).all()
+    # float64 formula: softplus(s) - softplus(t) - p (s - t); float32's floor on 1 - q caps it near 87 per logit
+    s64, t64 = s.detach().double(), teacher[0].double()
+    kl = F.softplus(s64) - F.softplus(t64) - t64.sigmoid() * (s64 - t64)
+    weight = t64[..., 4].sigmoid()
+    want = kl[..., 4].mean() + (weight * kl[..., 5:].mean(-1)).sum() / weight.sum().clamp(min=1)
+    assert loss.item() <= want.item() and loss.item() > 0.6 * want.item()
+    q, p = s64.sigmoid(), t64.sigmoid()
+    grad = torch.zeros_like(s64)
+    grad[..., 4] = (q - p)[..., 4] / weight.numel()
+    grad[..., 5:] = (q - p)[..., 5:] * (weight / (3 * weight.sum().clamp(min=1)))[..., None]
+    torch.testing.assert_close(s.grad.double(), grad, rtol=1e-5, atol=1e-7)
+
+
 def test_kd_term_is_zero_when_the_student_matches_and_class_free_where_the_teacher_sees_nothing():
     teacher = random_outputs(2)
     assert kd_term(preds=teacher, teacher_preds=teacher).item() == pytest.approx(0.0, abs=1e-6)
