@@ -31,7 +31,7 @@ if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
 import val as validate  # noqa: E402
-from distill import REGIONS, Distiller, parse_imitation_layers  # noqa: E402
+from distill import BOXES, REGIONS, Distiller, parse_imitation_layers  # noqa: E402
 from distill.terms import DEFAULT_REDUCTION, REDUCTIONS, TERMS, term_weights  # noqa: E402
 from utils.autoanchor import check_anchors  # noqa: E402
 from utils.checkpoint import (  # noqa: E402
@@ -136,7 +136,7 @@ def train(hyp: dict | str, opt: argparse.Namespace, device: torch.device) -> tup
             model, opt.ft_weights, device, *parse_imitation_layers(opt.imitation_layers), opt.iou_factor,
             opt.imitation_region, opt.imitation_weight, opt.adapter_kernel, opt.channels_last,
             weights={name: getattr(opt, f"{name}_weight") for name in TERMS}, kd_temperature=opt.kd_temperature,
-            imitation_reduce=opt.imitation_reduce,
+            imitation_reduce=opt.imitation_reduce, imitation_boxes=opt.imitation_boxes, anchor_t=hyp["anchor_t"],
         )  # fmt: skip
         if ckpt is not None and resume and ckpt.get("distill"):
             distiller.load_state_dict(ckpt["distill"])
@@ -444,6 +444,10 @@ def parse_opt(known: bool = False, args: list[str] | None = None) -> argparse.Na
     parser.add_argument(
         "--imitation-reduce", choices=REDUCTIONS, default=DEFAULT_REDUCTION,
         help="several imitated layers: their terms' mean (default), sum, or channel-weighted mean",
+    )  # fmt: skip
+    parser.add_argument(
+        "--imitation-boxes", choices=BOXES, default="all",
+        help="boxes of each level's mask: all (the paper) or matched (those YOLOv5's loss assigns to that level)",
     )  # fmt: skip
     parser.add_argument("--iou-factor", type=float, default=0.5, help="FGFI psi: keep anchors with IoU > psi * max IoU")
     parser.add_argument(

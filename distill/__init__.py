@@ -29,11 +29,12 @@ Training adds sum(weight * term) over the terms switched on to the detection los
 
 from distill.distiller import Distiller, check_settings, parse_imitation_layers
 from distill.loss import Adapter, FeatureAdapters, feature_channels, imitation_loss
-from distill.mask import REGIONS, imitation_mask
+from distill.mask import BOXES, REGIONS, imitation_mask, matched_boxes
 from distill.teacher import check_heads, load_teacher, match_layers, teacher_features, teacher_outputs
 from distill.terms import TERMS, Term
 
 __all__ = (
+    "BOXES",
     "REGIONS",
     "TERMS",
     "Adapter",
@@ -47,6 +48,7 @@ __all__ = (
     "imitation_mask",
     "load_teacher",
     "match_layers",
+    "matched_boxes",
     "parse_imitation_layers",
     "teacher_features",
     "teacher_outputs",

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from distill.loss import FeatureAdapters, feature_channels
-from distill.mask import REGIONS
+from distill.mask import BOXES, REGIONS
 from distill.sparse import default_max_share, gather_cells, masked_cells
 from distill.teacher import check_heads, load_teacher, match_layers, teacher_features, teacher_outputs
 from distill.terms import DEFAULT_REDUCTION, REDUCTIONS, TERMS, check_weight, level_weights
@@ -81,6 +81,7 @@ def check_settings(
     weights: dict[str, float | None] | None = None,
     kd_temperature: float | None = None,
     imitation_reduce: str | None = None,
+    imitation_boxes: str | None = None,
 ) -> None:
     """One line naming the flag and its allowed range for a bad setting (None: not chosen yet)."""
     if not 0 <= iou_factor < 1:
@@ -95,6 +96,8 @@ def check_settings(
         raise UserError(f"--kd-temperature {kd_temperature}: must be a finite number > 0 (1 = no softening)")
     if imitation_reduce is not None and imitation_reduce not in REDUCTIONS:
         raise UserError(f"--imitation-reduce {imitation_reduce!r}: use one of {', '.join(REDUCTIONS)}")
+    if imitation_boxes is not None and imitation_boxes not in BOXES:
+        raise UserError(f"--imitation-boxes {imitation_boxes!r}: use one of {', '.join(BOXES)}")
     if adapter_kernel < 1 or adapter_kernel % 2 == 0:
         raise UserError(f"--adapter-kernel {adapter_kernel}: use an odd size >= 1 (3 as in the paper, or 1)")
 
@@ -119,6 +122,9 @@ class Distiller:
         kd_temperature: T of the output terms (distill.terms.kd_term).
         imitation_reduce: how several imitated layers' terms combine (distill.terms.level_weights): 'sum', 'mean' or
             'channel'; a single layer is the same under all three.
+        imitation_boxes: which boxes make each level's mask: 'all' (the paper: every box on every level) or
+            'matched' (the boxes YOLOv5's loss assigns to that level's anchors, hyp anchor_t: distill.mask.matched_boxes).
+        anchor_t: the anchor-ratio limit of 'matched' (hyp 'anchor_t', 4.0).
     """
 
     def __init__(
@@ -137,10 +143,19 @@ class Distiller:
         weights: dict[str, float] | None = None,
         kd_temperature: float = 1.0,
         imitation_reduce: str = DEFAULT_REDUCTION,
+        imitation_boxes: str = "all",
+        anchor_t: float = 4.0,
     ):
         weights = {name: float((weights or {}).get(name, 0.0)) for name in TERMS if name != "imitation"}
         check_settings(
-            iou_factor, imitation_region, imitation_weight, adapter_kernel, weights, kd_temperature, imitation_reduce
+            iou_factor,
+            imitation_region,
+            imitation_weight,
+            adapter_kernel,
+            weights,
+            kd_temperature,
+            imitation_reduce,
+            imitation_boxes,
         )
         self.iou_factor, self.imitation_region = float(iou_factor), str(imitation_region)
         self.imitation_weight, self.adapter_kernel = float(imitation_weight), int(adapter_kernel)
@@ -150,6 +165,7 @@ class Distiller:
         self.imitate = "imitation" in self.loss_weights
         self.outputs = any(TERMS[k].outputs for k in self.loss_weights)  # the teacher's whole forward is needed
         self.kd_temperature, self.imitation_reduce = float(kd_temperature), str(imitation_reduce)
+        self.imitation_boxes, self.anchor_t = str(imitation_boxes), float(anchor_t)
         self.teacher_path = str(Path(check_file(teacher, "--ft_weights")).resolve())
         student = getattr(student, "module", student)
         self.teacher = load_teacher(self.teacher_path, student, device, imitation_layers, teacher_layers=teacher_layers)
@@ -182,6 +198,7 @@ class Distiller:
             )
             text += f"; student -> teacher layers {pairs}, region {self.imitation_region}, iou_factor {self.iou_factor}"
             text += f", levels combined by {self.imitation_reduce}" if len(self.student_layers) > 1 else ""
+            text += f", boxes {self.imitation_boxes}" if self.imitation_boxes != "all" else ""
         if self.outputs:
             text += f"; output temperature {self.kd_temperature:g}"
         LOGGER.info(text)
@@ -222,7 +239,7 @@ class Distiller:
         if self.imitate:
             preds, features, masks = student(
                 imgs, target=targets, imitation_layers=self.student_layers, iou_factor=self.iou_factor,
-                region=self.imitation_region,
+                region=self.imitation_region, anchor_t=self.anchor_t if self.imitation_boxes == "matched" else None,
             )  # fmt: skip
             cells = masked_cells(masks, self.sparse_max_share)  # after both forwards are queued: the step's one sync
             # float32 after the gather: only the masked cells' copy, not the whole map (imitation_loss casts the rest)
@@ -278,6 +295,7 @@ class Distiller:
             "adapter_kernel": self.adapter_kernel,
             "kd_temperature": self.kd_temperature,
             "imitation_reduce": self.imitation_reduce,
+            "imitation_boxes": self.imitation_boxes,
         }
 
     def state_dict(self) -> dict:
@@ -301,7 +319,14 @@ class Distiller:
     @staticmethod
     def options_from_state(state: dict) -> dict:
         """train.py options that rebuild this distillation on --resume (older checkpoints: only what they hold)."""
-        keys = ("iou_factor", "imitation_region", "adapter_kernel", "kd_temperature", "imitation_reduce")
+        keys = (
+            "iou_factor",
+            "imitation_region",
+            "adapter_kernel",
+            "kd_temperature",
+            "imitation_reduce",
+            "imitation_boxes",
+        )
         keys += tuple(f"{name}_weight" for name in TERMS)
         opts = {k: state[k] for k in keys if k in state}
         opts.setdefault("imitation_reduce", "sum")  # runs from before the choice summed their imitated layers

@@ -42,6 +42,7 @@ def _overlap(length_a: torch.Tensor, length_b: torch.Tensor, distance: torch.Ten
 
 
 REGIONS = ("fgfi", "gtbox", "full")
+BOXES = ("all", "matched")  # which boxes make a level's mask: every box, or those the loss assigns there
 
 
 def imitation_mask(
@@ -105,6 +106,26 @@ def imitation_mask(
     first = ((cy[:, None] - half_run - 0.5).floor() + 1).clamp(min=0)
     last = ((cy[:, None] + half_run - 0.5).ceil() - 1).clamp(max=height - 1)
     return _paint(targets[:, 0], first, last, (half_run > 0) & (first <= last), (batch_size, height, width))
+
+
+def matched_boxes(
+    targets: torch.Tensor, anchors: torch.Tensor, shape: tuple[int, int], anchor_t: float
+) -> torch.Tensor:
+    """targets with the boxes that YOLOv5's loss does not assign to this level given zero width and height (so
+    imitation_mask paints nothing for them); the others unchanged.
+
+    A box is assigned to a level when one of its K anchors is within anchor_t of it in both sides' ratios,
+    max(w / aw, aw / w, h / ah, ah / h) < anchor_t (utils.loss.ComputeLoss.build_targets, hyp 'anchor_t', 4.0).
+    targets: [n, 6] (image, class, x, y, w, h) normalized; anchors: [K, 2] in grid cells; shape: (H, W) of the level.
+    Same shape as targets, no host sync.
+    """
+    height, width = shape
+    wh = targets[:, 4:6] * torch.tensor([width, height], device=targets.device, dtype=targets.dtype)  # grid cells
+    ratio = wh[:, None] / anchors.to(targets)[None]  # [n, K, 2]
+    assigned = (torch.max(ratio, 1 / ratio).amax(2) < anchor_t).any(1)  # [n]
+    out = targets.clone()
+    out[:, 4:6] *= assigned[:, None]
+    return out
 
 
 def _gtbox_mask(targets: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:

@@ -71,15 +71,18 @@ def forward_imitation(
     imitation_layers: LayerSpec = None,
     iou_factor: float = 0.5,
     region: str = "fgfi",
+    anchor_t: float | None = None,
 ):
     """DetectionModel.forward(x, target=...): (preds, feature, mask) for FGFI.
 
     preds: the model's usual output for its mode; feature: the imitated layer's output [B, C, h, w]; mask:
     distill.mask.imitation_mask of the targets ([n, 6] (image, class, x, y, w, h), xywh normalized) with the anchors
     of the Detect level of that layer's stride, [B, 1, h, w] 0/1 float. One tensor each for imitation_layers None
-    (the default point) or an int, lists (one entry per layer) for a list of ints or 'detect'.
+    (the default point) or an int, lists (one entry per layer) for a list of ints or 'detect'. anchor_t: each
+    level's mask from the boxes YOLOv5's loss assigns to that level only (distill.mask.matched_boxes); None: from
+    every box (the paper).
     """
-    from distill.mask import imitation_mask
+    from distill.mask import imitation_mask, matched_boxes
 
     points = imitation_points(model, imitation_layers)
     levels = imitation_levels(model, points)
@@ -88,7 +91,8 @@ def forward_imitation(
     features, masks = [], []
     for i, level in zip(points, levels):
         f = feats[i]
-        mask = imitation_mask(target, anchors[level], (f.shape[0], f.shape[2], f.shape[3]), iou_factor, region)
+        boxes = target if anchor_t is None else matched_boxes(target, anchors[level], f.shape[2:], anchor_t)
+        mask = imitation_mask(boxes, anchors[level], (f.shape[0], f.shape[2], f.shape[3]), iou_factor, region)
         features.append(f)
         masks.append(mask.to(f.device).unsqueeze(1))
     if imitation_layers is None or isinstance(imitation_layers, int):

@@ -162,6 +162,7 @@ class DetectionModel(nn.Module):
         imitation_layers: int | list[int] | str | None = None,
         iou_factor: float = 0.5,
         region: str = "fgfi",
+        anchor_t: float | None = None,
     ):
         """x: [B, C, H, W] images in 0..1, H and W multiples of the largest stride.
 
@@ -172,10 +173,11 @@ class DetectionModel(nn.Module):
         and mask = distill.mask.imitation_mask(...) [B, 1, h, w] (0/1 float) from the anchors of the Detect level
         with that layer's stride. ``imitation_layers``: None = the default point (imitation_points()), an int = that
         layer (tensors returned), a list of ints or 'detect' (Detect's inputs) = lists, one entry per layer.
-        ``region``: the imitated region, "fgfi" (anchor IoU > iou_factor * best), "gtbox" or "full".
+        ``region``: the imitated region, "fgfi" (anchor IoU > iou_factor * best), "gtbox" or "full". ``anchor_t``:
+        each level's mask from the boxes the loss assigns to that level (anchor ratio < anchor_t); None: every box.
         """
         if target is not None:
-            return self._forward_imitation(x, target, imitation_layers, iou_factor, region)
+            return self._forward_imitation(x, target, imitation_layers, iou_factor, region, anchor_t)
         if augment:
             return self._forward_augment(x)
         return self._forward_once(x, profile, visualize)
@@ -203,10 +205,10 @@ class DetectionModel(nn.Module):
                 break
         return x, kept
 
-    def _forward_imitation(self, x, target, imitation_layers, iou_factor, region="fgfi"):
+    def _forward_imitation(self, x, target, imitation_layers, iou_factor, region="fgfi", anchor_t=None):
         from distill.points import forward_imitation  # distill/ builds on the model, not the other way round
 
-        return forward_imitation(self, x, target, imitation_layers, iou_factor, region)
+        return forward_imitation(self, x, target, imitation_layers, iou_factor, region, anchor_t)
 
     def imitation_points(self, imitation_layers: int | list[int] | str | None = None) -> list[int]:
         """Layer indices of imitation_layers (None: the default FGFI point, 'detect', indices): distill.points."""

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from distill.mask import imitation_mask
+from distill.mask import imitation_mask, matched_boxes
 
 P3_ANCHORS = np.array([[1.25, 1.625], [2.0, 3.75], [4.125, 2.875]])  # YOLOv5 P3 anchors in grid cells
 
@@ -221,3 +221,52 @@ def test_cuda_matches_cpu():
     gpu = imitation_mask(targets.cuda(), anchors.cuda(), (6, 24, 40))
     assert gpu.device.type == "cuda" and gpu.dtype == torch.float32
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=0, atol=0)
+
+
+def test_matched_boxes_are_those_the_loss_assigns_to_the_level():
+    """matched_boxes keeps (unchanged) exactly the boxes YOLOv5's build_targets assigns to some anchor of the level,
+    found from the loss itself (one class per box, read back from tcls), and zeroes the others' width and height."""
+    from tests.test_loss import HYP, FakeModel, preds
+    from utils.loss import ComputeLoss
+
+    rng = np.random.default_rng(7)
+    levels = ((1.25, 1.625, 2.0, 3.75, 4.125, 2.875), (1.875, 3.8125, 3.875, 2.8125, 3.6875, 7.4375))
+    shapes = ((16, 24), (8, 12))  # non-square maps: width and height scale the box sides differently
+    n = 40
+    targets = torch.tensor(random_targets(rng, n, 2, max_side=0.9))
+    targets[:, 1] = torch.arange(n, dtype=targets.dtype)  # class = box id
+    compute = ComputeLoss(FakeModel(nc=n, anchors=levels, strides=(8, 16)), HYP)
+    tcls, *_ = compute.build_targets(preds(shapes, n), targets)
+    for level, (anchors, shape) in enumerate(zip(compute.anchors, shapes)):
+        out = matched_boxes(targets, anchors, shape, HYP["anchor_t"])
+        kept = set(out[:, 4].nonzero().flatten().tolist())
+        assert kept == set(tcls[level].tolist()) and 0 < len(kept) < n  # some boxes on each side of the rule
+        torch.testing.assert_close(out[:, :4], targets[:, :4], rtol=0, atol=0)
+        for i in range(n):
+            expected = targets[i, 4:6] if i in kept else torch.zeros(2, dtype=targets.dtype)
+            torch.testing.assert_close(out[i, 4:6], expected, rtol=0, atol=0)
+
+
+def test_matched_level_mask_is_the_mask_of_the_assigned_boxes_alone():
+    """forward_imitation(anchor_t=...): each level's mask equals imitation_mask of only the boxes assigned there, and
+    without anchor_t every level's mask is the paper's (all boxes)."""
+    from models.yolo import DetectionModel
+
+    torch.manual_seed(0)
+    model = DetectionModel("yolov5n.yaml", nc=3).eval()
+    rng = np.random.default_rng(3)
+    targets = torch.tensor(random_targets(rng, 12, 2, max_side=0.9), dtype=torch.float32)
+    x = torch.rand(2, 3, 128, 192)
+    anchors = model.model[-1].anchors
+    _, feats, masks = model(x, target=targets, imitation_layers="neck", anchor_t=4.0)
+    _, _, masks_all = model(x, target=targets, imitation_layers="neck")
+    differs = 0
+    for level, (f, m, m_all) in enumerate(zip(feats, masks, masks_all)):
+        shape = (f.shape[0], f.shape[2], f.shape[3])
+        wh = targets[:, 4:6] * torch.tensor([f.shape[3], f.shape[2]])
+        r = wh[:, None] / anchors[level][None]
+        assigned = (torch.max(r, 1 / r).amax(2) < 4.0).any(1)  # independent of matched_boxes: the rule itself
+        torch.testing.assert_close(m[:, 0], imitation_mask(targets[assigned], anchors[level], shape))
+        torch.testing.assert_close(m_all[:, 0], imitation_mask(targets, anchors[level], shape))
+        differs += int(not torch.equal(m, m_all))
+    assert differs >= 1  # the case is one where the rule drops boxes somewhere
