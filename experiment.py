@@ -79,6 +79,9 @@ ABLATION_ARMS = {
     "fgfi-3levels-w0.003": {"imitation_layers": "detect", "imitation_reduce": "mean", "imitation_weight": 0.003},
     "fgfi-3levels-w0.001": {"imitation_layers": "detect", "imitation_reduce": "mean", "imitation_weight": 0.001},
     "fgfi-neck3": {"imitation_layers": "16,19,22", "imitation_reduce": "mean"},  # the Concats before P3/P4/P5's C3
+    "fgfi-p4": {"imitation_layers": "19"},  # one coarse level alone: the stride-16 Concat
+    "fgfi-p5": {"imitation_layers": "22"},  # the stride-32 Concat
+    "fgfi-neck3-matched": {"imitation_layers": "16,19,22", "imitation_boxes": "matched"},  # each box at its levels
     "fgfi-psi0.3": {"iou_factor": 0.3},
     "fgfi-psi0.7": {"iou_factor": 0.7},
     "fgfi-w0.003": {"imitation_weight": 0.003},
@@ -240,14 +243,20 @@ def _report(df: pd.DataFrame, summary: pd.DataFrame, preset: str, cfg: dict, see
     for arm in [a for a in stats.index if a not in ("teacher", "student")] if "student" in stats.index else []:
         row = stats.loc[arm]
         n = int(row["seeds"])
-        noise = (
-            f"{row['gain_in_pooled_std']:.1f} pooled standard deviations over {n} seeds"
-            if n > 1 and not math.isnan(row["gain_in_pooled_std"])
-            else "one seed: run --seeds 0,1,2 to compare the gain with seed-to-seed noise"
+        if n < 2:
+            noise = "one seed: run --seeds 0,1,2 to compare the gain with seed-to-seed noise"
+        elif math.isnan(row["gain_in_pooled_std"]):
+            noise = f"{n} seeds, but no seed-to-seed spread to compare it with (pooled std 0)"
+        else:
+            noise = f"{row['gain_in_pooled_std']:.1f} pooled standard deviations over {n} seeds"
+        gap = (
+            f"it closes {100 * row['gap_closed']:.0f}% of the teacher-student gap"
+            if not math.isnan(row["gap_closed"])
+            else "no teacher-student gap to close (the teacher is not above the student)"
         )
         lines.append(
             f"{arm} changes the student's mAP50-95 by {row['gain50_95']:+.4f} ({noise}) and mAP50 by "
-            f"{row['gain50']:+.4f}; it closes {100 * row['gap_closed']:.0f}% of the teacher-student gap."
+            f"{row['gain50']:+.4f}; {gap}."
         )
     return "\n".join(lines) + "\n"
 

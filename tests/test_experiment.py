@@ -126,6 +126,11 @@ def test_summarize_gain_in_pooled_std_and_gap_closed():
     stats = experiment.summarize(flat).set_index("arm")
     assert stats.loc["fgfi", "gain50_95"] == pytest.approx(0.1)
     assert math.isnan(stats.loc["fgfi", "gain_in_pooled_std"]) and math.isnan(stats.loc["fgfi", "gap_closed"])
+    # the report says so in words: two seeds without spread are not "one seed", and no gap is not "nan%"
+    cfg = dict(student="yolov5n.yaml", epochs=1, imgsz=64, batch=8, optimizer="AdamW", hyp="hyp.short.yaml", data="x")
+    line = experiment._report(flat, experiment.summarize(flat), "cpu", cfg, [0, 1], 60.0).splitlines()[-1]
+    assert line.startswith("fgfi changes the student's mAP50-95 by +0.1000 (2 seeds, but no seed-to-seed spread")
+    assert "one seed" not in line and "nan" not in line and "no teacher-student gap to close" in line
 
 
 def test_bad_arguments_are_one_line_errors(tmp_path):
