@@ -67,21 +67,29 @@ OUTPUT_ARMS = {
     "kd": {**KD, "imitation_weight": 0.0},  # output terms alone: no feature imitation
     "fgfi+kd": KD,
 }
+ALL_BOXES = {"imitation_boxes": "all"}
 ABLATION_ARMS = {
     **OUTPUT_ARMS,
     "kd-cls": {"kd_weight": KD["kd_weight"], "imitation_weight": 0.0},  # objectness + class alone
     "kd-box": {"box_kd_weight": KD["box_kd_weight"], "imitation_weight": 0.0},  # boxes alone
     "gtbox": {"imitation_region": "gtbox"},
     "full": {"imitation_region": "full"},
-    "fgfi-3levels-sum": {"imitation_layers": "detect", "imitation_reduce": "sum"},  # before: collapses
-    "fgfi-3levels-mean": {"imitation_layers": "detect", "imitation_reduce": "mean"},
-    "fgfi-3levels-channel": {"imitation_layers": "detect", "imitation_reduce": "channel"},
-    "fgfi-3levels-w0.003": {"imitation_layers": "detect", "imitation_reduce": "mean", "imitation_weight": 0.003},
-    "fgfi-3levels-w0.001": {"imitation_layers": "detect", "imitation_reduce": "mean", "imitation_weight": 0.001},
-    "fgfi-neck3": {"imitation_layers": "16,19,22", "imitation_reduce": "mean"},  # the Concats before P3/P4/P5's C3
+    # several levels with every box on every level (the paper's mask; before --imitation-boxes auto): collapse
+    "fgfi-3levels-sum": {"imitation_layers": "detect", "imitation_reduce": "sum", **ALL_BOXES},
+    "fgfi-3levels-mean": {"imitation_layers": "detect", "imitation_reduce": "mean", **ALL_BOXES},
+    "fgfi-3levels-channel": {"imitation_layers": "detect", "imitation_reduce": "channel", **ALL_BOXES},
+    "fgfi-3levels-w0.003": {"imitation_layers": "detect", "imitation_weight": 0.003, **ALL_BOXES},
+    "fgfi-3levels-w0.001": {"imitation_layers": "detect", "imitation_weight": 0.001, **ALL_BOXES},
+    "fgfi-neck3": {"imitation_layers": "16,19,22", **ALL_BOXES},  # the Concats before P3/P4/P5's C3
     "fgfi-p4": {"imitation_layers": "19"},  # one coarse level alone: the stride-16 Concat
     "fgfi-p5": {"imitation_layers": "22"},  # the stride-32 Concat
-    "fgfi-neck3-matched": {"imitation_layers": "16,19,22", "imitation_boxes": "matched"},  # each box at its levels
+    "fgfi-neck3-matched": {
+        "imitation_layers": "16,19,22",
+        "imitation_boxes": "matched",
+    },  # = auto: each box at its levels
+    "fgfi-p5-matched": {"imitation_layers": "22", "imitation_boxes": "matched"},
+    "fgfi-p3p4": {"imitation_layers": "16,19", **ALL_BOXES},  # the two levels that help alone, without stride 32
+    "fgfi-p3p4-matched": {"imitation_layers": "16,19", "imitation_boxes": "matched"},  # = auto
     "fgfi-psi0.3": {"iou_factor": 0.3},
     "fgfi-psi0.7": {"iou_factor": 0.7},
     "fgfi-w0.003": {"imitation_weight": 0.003},

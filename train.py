@@ -446,8 +446,9 @@ def parse_opt(known: bool = False, args: list[str] | None = None) -> argparse.Na
         help="several imitated layers: their terms' mean (default), sum, or channel-weighted mean",
     )  # fmt: skip
     parser.add_argument(
-        "--imitation-boxes", choices=BOXES, default="all",
-        help="boxes of each level's mask: all (the paper) or matched (those YOLOv5's loss assigns to that level)",
+        "--imitation-boxes", choices=BOXES, default="auto",
+        help="boxes of each level's mask: all (the paper), matched (those YOLOv5's loss assigns to that level) or "
+        "auto (default: matched with several imitated layers, all with one)",
     )  # fmt: skip
     parser.add_argument("--iou-factor", type=float, default=0.5, help="FGFI psi: keep anchors with IoU > psi * max IoU")
     parser.add_argument(

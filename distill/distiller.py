@@ -122,8 +122,9 @@ class Distiller:
         kd_temperature: T of the output terms (distill.terms.kd_term).
         imitation_reduce: how several imitated layers' terms combine (distill.terms.level_weights): 'sum', 'mean' or
             'channel'; a single layer is the same under all three.
-        imitation_boxes: which boxes make each level's mask: 'all' (the paper: every box on every level) or
-            'matched' (the boxes YOLOv5's loss assigns to that level's anchors, hyp anchor_t: distill.mask.matched_boxes).
+        imitation_boxes: which boxes make each level's mask: 'all' (the paper: every box on every level),
+            'matched' (the boxes YOLOv5's loss assigns to that level's anchors, hyp anchor_t: distill.mask.matched_boxes)
+            or 'auto': matched with several imitated layers, all with one (the paper's loss for the default layer).
         anchor_t: the anchor-ratio limit of 'matched' (hyp 'anchor_t', 4.0).
     """
 
@@ -143,7 +144,7 @@ class Distiller:
         weights: dict[str, float] | None = None,
         kd_temperature: float = 1.0,
         imitation_reduce: str = DEFAULT_REDUCTION,
-        imitation_boxes: str = "all",
+        imitation_boxes: str = "auto",
         anchor_t: float = 4.0,
     ):
         weights = {name: float((weights or {}).get(name, 0.0)) for name in TERMS if name != "imitation"}
@@ -172,6 +173,8 @@ class Distiller:
         self.student_layers, self.teacher_layers = match_layers(
             self.teacher, student, imitation_layers, teacher_layers, self.teacher_path
         )
+        several = len(self.student_layers) > 1
+        self.matched = self.imitation_boxes == "matched" or (self.imitation_boxes == "auto" and several)
         # the output terms compare the heads anchor by anchor; objectness and class also need the same anchor sizes
         self.same_anchors = "kd" in self.loss_weights
         if self.outputs:
@@ -198,7 +201,8 @@ class Distiller:
             )
             text += f"; student -> teacher layers {pairs}, region {self.imitation_region}, iou_factor {self.iou_factor}"
             text += f", levels combined by {self.imitation_reduce}" if len(self.student_layers) > 1 else ""
-            text += f", boxes {self.imitation_boxes}" if self.imitation_boxes != "all" else ""
+            if len(self.student_layers) > 1 or self.matched:
+                text += f", {'matched' if self.matched else 'all'} boxes (--imitation-boxes {self.imitation_boxes})"
         if self.outputs:
             text += f"; output temperature {self.kd_temperature:g}"
         LOGGER.info(text)
@@ -239,7 +243,7 @@ class Distiller:
         if self.imitate:
             preds, features, masks = student(
                 imgs, target=targets, imitation_layers=self.student_layers, iou_factor=self.iou_factor,
-                region=self.imitation_region, anchor_t=self.anchor_t if self.imitation_boxes == "matched" else None,
+                region=self.imitation_region, anchor_t=self.anchor_t if self.matched else None,
             )  # fmt: skip
             cells = masked_cells(masks, self.sparse_max_share)  # after both forwards are queued: the step's one sync
             # float32 after the gather: only the masked cells' copy, not the whole map (imitation_loss casts the rest)
@@ -330,6 +334,7 @@ class Distiller:
         keys += tuple(f"{name}_weight" for name in TERMS)
         opts = {k: state[k] for k in keys if k in state}
         opts.setdefault("imitation_reduce", "sum")  # runs from before the choice summed their imitated layers
+        opts.setdefault("imitation_boxes", "all")  # and masked every level with every box
         opts["ft_weights"] = state["teacher"]
         if "teacher_layers" in state:  # both lists: exactly the pairs the run trained with
             opts["imitation_layers"] = format_layers(state["imitation_layers"], state["teacher_layers"])

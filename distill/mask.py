@@ -42,7 +42,9 @@ def _overlap(length_a: torch.Tensor, length_b: torch.Tensor, distance: torch.Ten
 
 
 REGIONS = ("fgfi", "gtbox", "full")
-BOXES = ("all", "matched")  # which boxes make a level's mask: every box, or those the loss assigns there
+# which boxes make a level's mask: every box (the paper), those the loss assigns to the level, or auto: matched when
+# several levels are imitated (all-box masks there cover most of the coarse maps and collapse training), else all
+BOXES = ("auto", "all", "matched")
 
 
 def imitation_mask(

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import train
-from distill import Distiller, check_heads
+from distill import BOXES, Distiller, check_heads
 from distill.loss import imitation_loss
 from distill.terms import TERMS, Term, box_kd_term, imitation_term, kd_term, level_weights
 from models.yolo import DetectionModel
@@ -357,6 +357,28 @@ def test_multi_level_imitation_equals_its_formula(teacher_pt, reduction):
     else:
         want = sum(v / c for v, c in zip(per_level, channels)) / sum(1 / c for c in channels)
     assert imitation_term(**inputs).item() == pytest.approx(want, rel=1e-5)
+
+
+def test_imitation_boxes_auto_is_matched_with_several_layers_and_all_with_one(teacher_pt):
+    """--imitation-boxes auto (the default): the masks of 'matched' when several layers are imitated, the paper's
+    all-box masks for a single layer, shown on layers where the two choices give different masks."""
+    torch.manual_seed(0)
+    student = DetectionModel("yolov5n.yaml", nc=8).train()
+    imgs, targets = fixed_batch()
+
+    def masks(layers, boxes):
+        distiller = Distiller(student, teacher_pt, "cpu", layers, imitation_boxes=boxes, sparse_max_share=0.0)
+        return [m.clone() for m in distiller(student, imgs, targets)[1]["mask"]]
+
+    def same(a, b):
+        return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+
+    neck = {boxes: masks("neck", boxes) for boxes in BOXES}
+    assert len(neck["auto"]) == 3 and same(neck["auto"], neck["matched"]) and not same(neck["all"], neck["matched"])
+    p5 = {boxes: masks([22], boxes) for boxes in BOXES}  # stride 32: these boxes are too small for its anchors
+    assert same(p5["auto"], p5["all"]) and not same(p5["all"], p5["matched"]) and p5["all"][0].sum() > 0
+    with pytest.raises(UserError, match="--imitation-boxes 'some'"):
+        Distiller(student, teacher_pt, "cpu", imitation_boxes="some")
 
 
 # --- the table ---------------------------------------------------------------------------------------------------

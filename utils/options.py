@@ -25,7 +25,7 @@ def check_train_options(opt: argparse.Namespace) -> None:
         raise UserError(f"--imgsz {opt.imgsz}: must be >= 1 pixel (rounded up to a multiple of the model stride)")
     opt.imitation_region = getattr(opt, "imitation_region", "fgfi")  # opt.yaml of runs older than the flag
     opt.adapter_kernel = int(getattr(opt, "adapter_kernel", 3))
-    opt.imitation_boxes = getattr(opt, "imitation_boxes", "all")
+    opt.imitation_boxes = getattr(opt, "imitation_boxes", "all")  # opt.yaml of runs older than the flag
     parse_imitation_layers(getattr(opt, "imitation_layers", None))
     weights = {name: getattr(opt, f"{name}_weight", None) for name in TERMS if name != "imitation"}
     temperature = getattr(opt, "kd_temperature", None)
