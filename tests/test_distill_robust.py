@@ -189,9 +189,12 @@ def test_resume_options_override_and_keep_one_source(tmp_path, teachers):
     from utils.options import resume_options
 
     student = DetectionModel("yolov5n.yaml", nc=8)
-    distiller = Distiller(student, teachers["wide"], "cpu", iou_factor=0.3, imitation_region="gtbox")
+    distiller = Distiller(
+        student, teachers["wide"], "cpu", iou_factor=0.3, imitation_region="gtbox", imitation_boxes="matched"
+    )
     last = tmp_path / "exp/weights/last.pt"
     opt = {**vars(train.parse_opt(True, args=[])), "ft_weights": "elsewhere.pt", "iou_factor": 0.9, "workers": 3}
+    opt["imitation_boxes"] = "all"
     optimizer = torch.optim.SGD(student.parameters(), lr=0.01).state_dict()  # a run in progress has one
     save_checkpoint(
         {"epoch": 0, "model": student, "optimizer": optimizer, "opt": opt, "distill": distiller.state_dict()}, last
@@ -201,7 +204,9 @@ def test_resume_options_override_and_keep_one_source(tmp_path, teachers):
     given = train.parse_opt(True, args=["--resume", str(last)])
     resumed = resume_options(given, defaults)
     assert resumed.ft_weights == str(teachers["wide"].resolve()) and resumed.iou_factor == 0.3
-    assert resumed.imitation_region == "gtbox" and resumed.workers == 3
+    assert resumed.imitation_region == "gtbox" and resumed.workers == 3 and resumed.imitation_boxes == "matched"
+    state = {k: v for k, v in distiller.state_dict().items() if k != "imitation_boxes"}  # a run from before the flag
+    assert Distiller.options_from_state(state)["imitation_boxes"] == "all"  # masked every level with every box
     given = train.parse_opt(True, args=["--resume", str(last), "--workers", "0", "--device", "cpu"])
     given.ft_weights = str(teachers["narrow"])
     resumed = resume_options(given, defaults)
