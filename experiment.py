@@ -83,10 +83,7 @@ ABLATION_ARMS = {
     "fgfi-neck3": {"imitation_layers": "16,19,22", **ALL_BOXES},  # the Concats before P3/P4/P5's C3
     "fgfi-p4": {"imitation_layers": "19"},  # one coarse level alone: the stride-16 Concat
     "fgfi-p5": {"imitation_layers": "22"},  # the stride-32 Concat
-    "fgfi-neck3-matched": {
-        "imitation_layers": "16,19,22",
-        "imitation_boxes": "matched",
-    },  # = auto: each box at its levels
+    "fgfi-neck3-matched": {"imitation_layers": "16,19,22", "imitation_boxes": "matched"},  # = auto
     "fgfi-p5-matched": {"imitation_layers": "22", "imitation_boxes": "matched"},
     "fgfi-p3p4": {"imitation_layers": "16,19", **ALL_BOXES},  # the two levels that help alone, without stride 32
     "fgfi-p3p4-matched": {"imitation_layers": "16,19", "imitation_boxes": "matched"},  # = auto

@@ -200,8 +200,8 @@ class Distiller:
                 for s, t, cs, ct in zip(self.student_layers, self.teacher_layers, s_channels, t_channels)
             )
             text += f"; student -> teacher layers {pairs}, region {self.imitation_region}, iou_factor {self.iou_factor}"
-            text += f", levels combined by {self.imitation_reduce}" if len(self.student_layers) > 1 else ""
-            if len(self.student_layers) > 1 or self.matched:
+            text += f", levels combined by {self.imitation_reduce}" if several else ""
+            if several or self.matched:
                 text += f", {'matched' if self.matched else 'all'} boxes (--imitation-boxes {self.imitation_boxes})"
         if self.outputs:
             text += f"; output temperature {self.kd_temperature:g}"
