@@ -102,8 +102,29 @@ def level_weights(channels: Sequence[int], reduction: str) -> list[float]:
     return [x / sum(inverse) for x in inverse]
 
 
+# The share of each level's anchors the class part of kd and box_kd read: the ceil(share * n) anchors (of the n =
+# B * na * H * W of the level) where the teacher's objectness is highest. Measured (benchmarks/RESULTS.md,
+# benchmarks/bench_output_terms.py): with real teachers (the shipped one at 192 px, the official yolov5n on COCO128 at
+# 320 and 640 px) the top eighth holds 95-98% of the teacher's summed objectness and every anchor above
+# BOX_KD_MIN_OBJ; reading only it cuts the class part's elementwise work eightfold (8.1 M class logits per step at
+# nc 80, 320 px, batch 16).
+OUTPUT_TOP_SHARE = 1 / 8
+
+
+def top_anchors(teacher_obj: torch.Tensor, share: float = OUTPUT_TOP_SHARE) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, indices) of the ceil(share * n) largest of a level's flattened teacher objectness logits [n], in no
+    particular order. A fixed count (torch.topk), so no host sync: the step's only sync stays FGFI's."""
+    k = min(len(teacher_obj), max(1, math.ceil(share * len(teacher_obj))))
+    return teacher_obj.topk(k, sorted=False)
+
+
 def kd_term(
-    preds=None, teacher_preds=None, balance: Sequence[float] | None = None, temperature: float = 1.0, **_
+    preds=None,
+    teacher_preds=None,
+    balance: Sequence[float] | None = None,
+    temperature: float = 1.0,
+    top_share: float = OUTPUT_TOP_SHARE,
+    **_,
 ) -> torch.Tensor:
     """Objectness and class distillation: the student's logits learn the teacher's probabilities as soft targets.
 
@@ -114,10 +135,14 @@ def kd_term(
 
         objectness: sum_l balance[l] * mean over every anchor of every cell of KL(p_obj || q_obj)
             Every cell and anchor counts: background cells, where the teacher sees nothing, teach "no object".
-        class:      sum_l sum_{b,a,y,x} w * mean_c KL(p_c || q_c)  /  max(sum_l sum w, 1),  w = sigmoid(t_obj)
-            Objectness-scaled (Mehta & Ozturk 2018): an anchor counts in proportion to the teacher's (untempered)
-            objectness, so background cells do not push class scores around; the floor 1 makes the class part 0,
-            never NaN, where the teacher sees nothing. A single class has no class part (as YOLOv5's class loss).
+        class:      sum_l sum_{a in A_l} w_a * mean_c KL(p_c || q_c)  /  max(sum_l sum_{a in A_l} w_a, 1)
+            w = sigmoid(t_obj), the teacher's (untempered) objectness; A_l = the ceil(top_share * n_l) anchors of
+            level l (of its n_l = B * na * H * W) with the highest w (top_anchors). Objectness-scaled (Mehta &
+            Ozturk 2018): an anchor counts in proportion to the teacher's belief that it holds an object, and the
+            background beyond A_l (2-5% of the teacher's summed objectness with real teachers, see
+            OUTPUT_TOP_SHARE) does not push class scores around at all. The floor 1 makes the class part 0, never
+            NaN, where the teacher sees nothing. A single class has no class part (as YOLOv5's class loss).
+            top_share = 1 reads every anchor.
 
     Returns T^2 * (objectness + class) (Hinton et al.: keeps the gradients' scale as T changes), float32.
     """
@@ -125,62 +150,79 @@ def kd_term(
         return _zero(preds, teacher_preds)
     balance = [1.0] * len(preds) if balance is None else balance
     with torch.autocast(device_type=preds[0].device.type, enabled=False):
-        teacher_preds = [t.detach().float() for t in teacher_preds]
+        teacher_preds = [t.detach().reshape(-1, t.shape[-1]) for t in teacher_preds]
         multiclass = preds[0].shape[-1] > 6  # nc > 1
-        # the class part's normaliser first (teacher only, no grad): max(sum of the teacher's objectness, 1)
-        objectness = [t[..., 4].sigmoid() for t in teacher_preds]
-        weight_sum = sum(w.sum() for w in objectness).clamp(min=1)
+        # the class part's anchors and normaliser first (teacher only, no grad): max(sum of their objectness, 1)
+        tops = [top_anchors(_wide(t[:, 4]), top_share) if multiclass else None for t in teacher_preds]
+        weight_sum = sum(v.sigmoid().sum() for v, _ in tops).clamp(min=1) if multiclass else None
         total = _zero(preds)
-        for s, t, w, gain in zip(preds, teacher_preds, objectness, balance):
-            nc = s.shape[-1] - 5
-            cls_weight = w / (nc * weight_sum) if multiclass else None
-            total = total + _LogitKL.apply(s.float(), t, gain / w.numel(), cls_weight, float(temperature))
-        return total
+        for s, t, top, gain in zip(preds, teacher_preds, tops, balance):
+            rows, cls_weight = None, None
+            if multiclass:
+                nc = s.shape[-1] - 5
+                values, rows = top
+                cls_weight = values.sigmoid() / (nc * weight_sum)
+            total = total + _LogitKL.apply(s, t, gain / len(t), rows, cls_weight, float(temperature))
+        return total.float()
 
 
 class _LogitKL(torch.autograd.Function):
-    """One level of kd_term: T^2 * (obj_weight * sum_cells KL_obj + sum_cells cls_weight * sum_c KL_c), KL the
-    Bernoulli KL(sigmoid(t / T) || sigmoid(s / T)) of the objectness (column 4) and class (5:) logits of
-    s, t [B, na, H, W, 5 + nc]; cls_weight [B, na, H, W] or None (no class part).
+    """One level of kd_term: T^2 * (obj_weight * sum_anchors KL_obj + sum_{r in rows} cls_weight_r * sum_c KL_c),
+    KL the Bernoulli KL(sigmoid(t / T) || sigmoid(s / T)) of the objectness (column 4, every anchor) and class (5:,
+    the anchors `rows` alone) logits. s [B, na, H, W, 5 + nc] (any float dtype), t the same values as [n, 5 + nc];
+    rows [K] distinct anchor indices into n and cls_weight [K], or both None (no class part).
 
-    Written out because autograd's composition of the same formula (two slices, two BCEs, means) made a dozen
-    full-size passes in backward and cost more than the whole student step at nc = 80 on CPU (benchmarks/RESULTS.md).
-    With s' = s / T, t' = t / T, a = sigmoid(-s') = 1 - q and b = sigmoid(-t') = 1 - p, the forward is
-    KL = log b - log a - (1 - b) * (s' - t') (= softplus(s') - softplus(t') - p * (s' - t'); log of a sigmoid is 4x
-    cheaper than softplus on CPU) and keeps q - p = b - a, which the backward scales by T * weight into the
-    gradient of s. a is floored at the smallest normal float, so a logit above ~87 T gives a finite loss value (its
-    gradient is exact)."""
+    Written out because autograd's composition of the same formula (slices, gathers, two BCEs, means) made a dozen
+    full-size passes in backward (benchmarks/RESULTS.md); here backward writes one full-size gradient: zeros, the
+    objectness column, the K class rows. Computed in float32 (float64 stays float64) on the columns and rows read,
+    never on a full-size float copy of the output.
+    """
 
     @staticmethod
-    def forward(ctx, s, t, obj_weight: float, cls_weight, temperature: float):
-        end = None if cls_weight is not None else 5  # single class: the objectness column alone
-        st, tt = _tempered(s, end, temperature), _tempered(t, end, temperature)
-        a = torch.sigmoid(-st).clamp_(min=torch.finfo(st.dtype).tiny)  # 1 - q
-        b = torch.sigmoid(-tt)  # 1 - p
-        kl = b.log()
-        kl -= a.log()
-        kl.addcmul_(b - 1, st - tt)  # log b - log a - p * (s' - t'), in place
-        loss = obj_weight * kl[..., 0].sum()
-        if cls_weight is not None:
-            loss = loss + (cls_weight * kl[..., 1:].sum(-1)).sum()
-        ctx.save_for_backward(b.sub_(a), cls_weight)  # q - p
-        ctx.obj_weight, ctx.temperature, ctx.shape = obj_weight, temperature, s.shape
+    def forward(ctx, s, t, obj_weight: float, rows, cls_weight, temperature: float):
+        flat = s.detach().reshape(-1, s.shape[-1])
+        kl, diff_obj = _bernoulli_kl(_wide(flat[:, 4]), _wide(t[:, 4]), temperature)
+        loss = obj_weight * kl.sum()
+        diff_cls = None
+        if rows is not None:
+            kl, diff_cls = _bernoulli_kl(_wide(flat[rows, 5:]), _wide(t[rows, 5:]), temperature)
+            loss = loss + kl.sum(1) @ cls_weight
+        ctx.save_for_backward(diff_obj, diff_cls, rows, cls_weight)
+        ctx.obj_weight, ctx.temperature, ctx.shape, ctx.dtype = obj_weight, temperature, s.shape, s.dtype
         return loss * temperature**2
 
     @staticmethod
     def backward(ctx, grad):
-        diff, cls_weight = ctx.saved_tensors
+        diff_obj, diff_cls, rows, cls_weight = ctx.saved_tensors
         scale = grad * ctx.temperature  # d(T^2 * KL) / ds = T^2 * (q - p) / T
-        out = diff.new_zeros(ctx.shape)
-        torch.mul(diff[..., 0], scale * ctx.obj_weight, out=out[..., 4])
-        if cls_weight is not None:
-            torch.mul(diff[..., 1:], (scale * cls_weight).unsqueeze(-1), out=out[..., 5:])
-        return out, None, None, None, None
+        out = torch.zeros(ctx.shape, dtype=ctx.dtype, device=grad.device)
+        flat = out.view(-1, ctx.shape[-1])
+        flat[:, 4] = diff_obj * (scale * ctx.obj_weight)
+        if rows is not None:
+            flat[rows, 5:] = (diff_cls * (scale * cls_weight).unsqueeze(1)).to(ctx.dtype)
+        return out, None, None, None, None, None
 
 
-def _tempered(x: torch.Tensor, end: int | None, temperature: float) -> torch.Tensor:
-    """The objectness and class logits x[..., 4:end] / T (a view when T = 1: one full-size pass less)."""
-    return x[..., 4:end] if temperature == 1 else x[..., 4:end] / temperature
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """x in float32 when it is a narrower float (fp16 / bf16 under AMP); float32 and float64 as they are."""
+    return x.float() if x.element_size() < 4 else x
+
+
+def _bernoulli_kl(s: torch.Tensor, t: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Elementwise KL(p || q) and q - p, p = sigmoid(t / T), q = sigmoid(s / T), of two float tensors.
+
+    With s' = s / T, t' = t / T, a = sigmoid(-s') = 1 - q and b = sigmoid(-t') = 1 - p:
+    KL = log b - log a - (1 - b) * (s' - t') (= softplus(s') - softplus(t') - p * (s' - t'); log of a sigmoid is 4x
+    cheaper than softplus on CPU) and q - p = b - a. a is floored at the smallest normal float, so a logit above
+    ~87 T gives a finite loss value (its gradient q - p is exact)."""
+    if temperature != 1:
+        s, t = s / temperature, t / temperature
+    a = torch.sigmoid(-s).clamp_(min=torch.finfo(s.dtype).tiny)  # 1 - q
+    b = torch.sigmoid(-t)  # 1 - p
+    kl = b.log()
+    kl -= a.log()
+    kl.addcmul_(b - 1, s - t)  # log b - log a - p * (s' - t'), in place
+    return kl, b.sub_(a)
 
 
 # The teacher's objectness below which an anchor's box is not distilled (box_kd_term); above it the anchor counts in
@@ -189,7 +231,13 @@ BOX_KD_MIN_OBJ = 0.1
 
 
 def box_kd_term(
-    preds=None, anchors=None, teacher_preds=None, teacher_anchors=None, min_obj: float = BOX_KD_MIN_OBJ, **_
+    preds=None,
+    anchors=None,
+    teacher_preds=None,
+    teacher_anchors=None,
+    min_obj: float = BOX_KD_MIN_OBJ,
+    top_share: float = OUTPUT_TOP_SHARE,
+    **_,
 ) -> torch.Tensor:
     """Box distillation: where the teacher is confident, the student's decoded box learns the teacher's.
 
@@ -198,32 +246,38 @@ def box_kd_term(
     anchors and the teacher with its own (so anchors that differ, e.g. after AutoAnchor, are compared as absolute
     boxes). With w = p * [p > min_obj], p = sigmoid(teacher objectness),
 
-        box_kd = sum_l sum_{b,a,y,x} w * (1 - CIoU(student box, teacher box))  /  max(sum w, 1)
+        box_kd = sum_l sum_{a in A_l} w_a * (1 - CIoU(student box, teacher box))  /  max(sum w, 1)
 
     CIoU as YOLOv5's box loss. Background anchors (p <= min_obj) do not count: at the image sizes used here the
-    thousands of cells at p ~ 0.01 would otherwise outweigh the objects. 0 where the teacher sees nothing.
+    thousands of cells at p ~ 0.01 would otherwise outweigh the objects. A_l: the ceil(top_share * n_l) anchors of
+    level l with the highest p (top_anchors), which hold every anchor above min_obj unless more than that many are:
+    then the most confident ones count. 0 where the teacher sees nothing.
     """
     if preds is None or teacher_preds is None or anchors is None or teacher_anchors is None:
         return _zero(preds, teacher_preds)
     with torch.autocast(device_type=preds[0].device.type, enabled=False):
         total, weight_sum = _zero(preds), _zero(preds)
         for s, t, a_s, a_t in zip(preds, teacher_preds, anchors, teacher_anchors):
-            s, t = s.float(), t.detach().float()
-            p = t[..., 4].sigmoid()
-            w = p * (p > min_obj)
+            _, na, h, w, no = s.shape
+            t = t.detach().reshape(-1, no)
+            logits, rows = top_anchors(t[:, 4].float(), top_share)
+            p = logits.sigmoid()
+            weight = p * (p > min_obj)
+            anchor = rows // (h * w) % na  # each row's anchor index
             # CIoU in float64: in float32 1 + 1e-7 == 1, so a student box equal to the teacher's (a student started
-            # from the teacher) makes CIoU's alpha 0 / 0 = NaN; the boxes are a small tensor beside the network
-            boxes = _decode(s, a_s).double(), _decode(t, a_t.to(t)).double()
-            iou = bbox_iou(*boxes, CIoU=True).squeeze(-1).float()
-            total, weight_sum = total + (w * (1.0 - iou)).sum(), weight_sum + w.sum()
+            # from the teacher) makes CIoU's alpha 0 / 0 = NaN; K boxes are a small tensor beside the network
+            student_box = _decode(s.reshape(-1, no)[rows, :4].double(), a_s.double()[anchor])
+            teacher_box = _decode(t[rows, :4].double(), a_t.double().to(s.device)[anchor])
+            iou = bbox_iou(student_box, teacher_box, CIoU=True).squeeze(-1).float()
+            total, weight_sum = total + (weight * (1.0 - iou)).sum(), weight_sum + weight.sum()
         return total / weight_sum.clamp(min=1)
 
 
-def _decode(x: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
-    """[B, na, H, W, 5 + nc] raw outputs -> [B, na, H, W, 4] boxes (x, y offsets from the cell corner, w, h) in grid
-    cells; anchors [na, 2] in grid cells of this level."""
-    box = x[..., :4].sigmoid() * 2  # one slice of x: each slice of the big output costs a full-size buffer in backward
-    return torch.cat((box[..., :2] - 0.5, box[..., 2:] ** 2 * anchors.view(1, -1, 1, 1, 2).to(box)), -1)
+def _decode(box: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+    """[K, 4] raw box outputs -> [K, 4] boxes (x, y offsets from the cell corner, w, h) in grid cells of their
+    level; anchors [K, 2], each row's anchor in grid cells of that level."""
+    box = box.sigmoid() * 2
+    return torch.cat((box[:, :2] - 0.5, box[:, 2:] ** 2 * anchors), 1)
 
 
 def _zero(*refs) -> torch.Tensor:

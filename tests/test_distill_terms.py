@@ -14,7 +14,16 @@ import torch.nn.functional as F
 import train
 from distill import BOXES, Distiller, check_heads
 from distill.loss import imitation_loss
-from distill.terms import TERMS, Term, box_kd_term, imitation_term, kd_term, level_weights
+from distill.terms import (
+    OUTPUT_TOP_SHARE,
+    TERMS,
+    Term,
+    box_kd_term,
+    imitation_term,
+    kd_term,
+    level_weights,
+    top_anchors,
+)
 from models.yolo import DetectionModel
 from utils.general import UserError, yaml_load
 from utils.loss import ComputeLoss
@@ -36,7 +45,14 @@ def bernoulli_kl(p: float, q: float) -> float:
     return p * math.log(p / q) + (1 - p) * math.log((1 - p) / (1 - q))
 
 
-def ref_kd(student, teacher, balance, temperature):
+def top_rows(t_flat, share):
+    """The anchors (row numbers) of a level's class and box parts: the ceil(share * n) of highest teacher
+    objectness, by sorting in plain Python."""
+    k = math.ceil(share * len(t_flat))
+    return set(sorted(range(len(t_flat)), key=lambda i: -t_flat[i][4])[:k])
+
+
+def ref_kd(student, teacher, balance, temperature, top_share=1.0):
     """The kd term anchor by anchor, in plain Python floats."""
     obj, cls_num, cls_den = 0.0, 0.0, 0.0
     for s_level, t_level, gain in zip(student, teacher, balance):
@@ -44,11 +60,12 @@ def ref_kd(student, teacher, balance, temperature):
             s_level.reshape(-1, s_level.shape[-1]).tolist(),
             t_level.reshape(-1, t_level.shape[-1]).tolist(),
         )
+        top = top_rows(t_flat, top_share)
         level_obj = 0.0
-        for s, t in zip(s_flat, t_flat):
+        for i, (s, t) in enumerate(zip(s_flat, t_flat)):
             level_obj += bernoulli_kl(sigmoid(t[4] / temperature), sigmoid(s[4] / temperature))
             nc = len(s) - 5
-            if nc > 1:
+            if nc > 1 and i in top:
                 w = sigmoid(t[4])
                 kl = sum(
                     bernoulli_kl(sigmoid(t[5 + c] / temperature), sigmoid(s[5 + c] / temperature)) for c in range(nc)
@@ -73,17 +90,18 @@ def ref_ciou(b1, b2, eps=1e-7):
     return iou - rho2 / c2 - v * alpha
 
 
-def ref_box_kd(student, teacher, s_anchors, t_anchors, min_obj):
+def ref_box_kd(student, teacher, s_anchors, t_anchors, min_obj, top_share=1.0):
     num, den = 0.0, 0.0
     for s_level, t_level, a_s, a_t in zip(student, teacher, s_anchors.tolist(), t_anchors.tolist()):
         b, na, h, w, _ = s_level.shape
+        top = top_rows(t_level.reshape(-1, t_level.shape[-1]).tolist(), top_share)
         for i in range(b):
             for a in range(na):
                 for y in range(h):
                     for x in range(w):
                         s, t = s_level[i, a, y, x].tolist(), t_level[i, a, y, x].tolist()
                         p = sigmoid(t[4])
-                        if p <= min_obj:
+                        if p <= min_obj or ((i * na + a) * h + y) * w + x not in top:
                             continue
                         box_s = [2 * sigmoid(s[0]) - 0.5, 2 * sigmoid(s[1]) - 0.5,
                                  (2 * sigmoid(s[2])) ** 2 * a_s[a][0], (2 * sigmoid(s[3])) ** 2 * a_s[a][1]]  # fmt: skip
@@ -96,12 +114,24 @@ def ref_box_kd(student, teacher, s_anchors, t_anchors, min_obj):
 
 @pytest.mark.parametrize("temperature", [1.0, 2.5])
 @pytest.mark.parametrize("nc", [1, 3])
-def test_kd_term_equals_per_anchor_reference(temperature, nc):
+@pytest.mark.parametrize("top_share", [1.0, 0.3, OUTPUT_TOP_SHARE])
+def test_kd_term_equals_per_anchor_reference(temperature, nc, top_share):
     student, teacher = random_outputs(0, nc), random_outputs(1, nc)
-    got = kd_term(preds=student, teacher_preds=teacher, balance=[4.0, 1.0], temperature=temperature)
-    want = ref_kd(student, teacher, [4.0, 1.0], temperature)
-    # the term computes in float32 (as under AMP): agreement to float32 rounding
-    assert got.dtype == torch.float32 and got.item() == pytest.approx(want, rel=1e-5)
+    kwargs = dict(balance=[4.0, 1.0], temperature=temperature, top_share=top_share)
+    got = kd_term(preds=student, teacher_preds=teacher, **kwargs)
+    want = ref_kd(student, teacher, **kwargs)
+    # float32 out (as under AMP): agreement to float32 rounding
+    assert got.dtype == torch.float32 and got.item() == pytest.approx(want, rel=1e-6)
+    if nc > 1 and top_share < 1:  # the anchors left out change the class part: the selection is really tested
+        assert abs(ref_kd(student, teacher, balance=[4.0, 1.0], temperature=temperature) - want) > 1e-3
+
+
+def test_top_anchors_are_the_most_confident_share():
+    obj = torch.randn(1001, generator=torch.Generator().manual_seed(3))
+    for share, k in ((1 / 8, 126), (1.0, 1001), (1e-6, 1)):  # ceil(share * n), at least 1
+        values, rows = top_anchors(obj, share)
+        assert len(rows) == k == len(set(rows.tolist()))
+        assert torch.equal(obj[rows], values) and values.min() >= obj.sort(descending=True).values[k - 1]
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
@@ -113,9 +143,11 @@ def test_kd_term_gradient_is_the_formulas(temperature, nc):
 
     student, teacher = random_outputs(12, nc, shapes=[(2, 3)]), random_outputs(13, nc, shapes=[(2, 3)])
     s = student[0].requires_grad_()
-    w = teacher[0][..., 4].sigmoid() / 7.0 if nc > 1 else None
-    assert torch.autograd.gradcheck(lambda x: _LogitKL.apply(x, teacher[0], 0.3, w, temperature), (s,))
-    kd_term(preds=[s], teacher_preds=teacher, temperature=temperature).backward()
+    t_flat = teacher[0].view(-1, 5 + nc)
+    rows = torch.tensor([7, 0, 11, 3]) if nc > 1 else None  # a subset, in no order: the others get no class gradient
+    w = t_flat[rows, 4].sigmoid() / 7.0 if nc > 1 else None
+    assert torch.autograd.gradcheck(lambda x: _LogitKL.apply(x, t_flat, 0.3, rows, w, temperature), (s,))
+    kd_term(preds=[s], teacher_preds=teacher, temperature=temperature, top_share=1.0).backward()
     plain = s.detach().clone().requires_grad_()
     st, tt = plain / temperature, teacher[0] / temperature
     p = tt.sigmoid()
@@ -137,7 +169,7 @@ def test_kd_term_stays_finite_with_extreme_student_logits():
     teacher = random_outputs(4, 3, shapes=[(2, 2)])
     student = [torch.where(t > 0, -120.0, 120.0) for t in random_outputs(5, 3, shapes=[(2, 2)])]
     s = student[0].requires_grad_()
-    loss = kd_term(preds=[s], teacher_preds=teacher)
+    loss = kd_term(preds=[s], teacher_preds=teacher, top_share=1.0)
     loss.backward()
     assert torch.isfinite(loss) and torch.isfinite(s.grad).all()
     # float64 formula: softplus(s) - softplus(t) - p (s - t); float32's floor on 1 - q caps it near 87 per logit
@@ -166,15 +198,29 @@ def test_kd_term_is_zero_when_the_student_matches_and_class_free_where_the_teach
 
 
 @pytest.mark.parametrize("min_obj", [0.0, 0.1, 0.5])
-def test_box_kd_term_equals_per_anchor_reference(min_obj):
+@pytest.mark.parametrize("top_share", [1.0, 0.3, OUTPUT_TOP_SHARE])
+def test_box_kd_term_equals_per_anchor_reference(min_obj, top_share):
     student, teacher = random_outputs(4), random_outputs(5)
     s_anchors = torch.tensor([[[1.0, 1.5], [2.0, 1.0]], [[1.5, 3.0], [3.0, 2.0]]], dtype=torch.float64)
     t_anchors = s_anchors * 1.3  # other anchors: the boxes are compared as decoded boxes
     got = box_kd_term(
-        preds=student, anchors=s_anchors, teacher_preds=teacher, teacher_anchors=t_anchors, min_obj=min_obj
-    )
-    want = ref_box_kd(student, teacher, s_anchors, t_anchors, min_obj)
+        preds=student, anchors=s_anchors, teacher_preds=teacher, teacher_anchors=t_anchors, min_obj=min_obj,
+        top_share=top_share,
+    )  # fmt: skip
+    want = ref_box_kd(student, teacher, s_anchors, t_anchors, min_obj, top_share)
     assert want > 0 and got.item() == pytest.approx(want, rel=1e-5)
+
+
+def test_box_kd_reads_every_confident_anchor_when_they_fit_in_the_top_share():
+    """Where at most ceil(share * n) anchors of each level have p > min_obj, the top share holds all of them: the same
+    value as reading every anchor."""
+    student, teacher = random_outputs(14), random_outputs(15)
+    for t in teacher:
+        t[..., 4] = torch.where(t[..., 4] > 3.0, t[..., 4], torch.full_like(t[..., 4], -5.0))  # few confident
+        assert 0 < int((t[..., 4].sigmoid() > 0.1).sum()) <= math.ceil(t[..., 4].numel() * OUTPUT_TOP_SHARE)
+    anchors = torch.ones(2, 2, 2, dtype=torch.float64)
+    kwargs = dict(preds=student, anchors=anchors, teacher_preds=teacher, teacher_anchors=anchors, min_obj=0.1)
+    assert box_kd_term(**kwargs).item() == pytest.approx(box_kd_term(**kwargs, top_share=1.0).item(), rel=1e-6)
 
 
 def test_box_kd_term_is_zero_where_the_teacher_sees_nothing_and_for_equal_boxes():
@@ -203,8 +249,8 @@ def test_output_terms_send_gradients_to_the_student_only():
     student = [p.float().requires_grad_() for p in random_outputs(10)]
     teacher = [p.float().requires_grad_() for p in random_outputs(11)]
     anchors = torch.ones(2, 2, 2)
-    loss = kd_term(preds=student, teacher_preds=teacher) + box_kd_term(
-        preds=student, anchors=anchors, teacher_preds=teacher, teacher_anchors=anchors, min_obj=0.0
+    loss = kd_term(preds=student, teacher_preds=teacher, top_share=1.0) + box_kd_term(
+        preds=student, anchors=anchors, teacher_preds=teacher, teacher_anchors=anchors, min_obj=0.0, top_share=1.0
     )
     loss.backward()
     assert all(t.grad is None for t in teacher)
