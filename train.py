@@ -76,6 +76,7 @@ from utils.torch_utils import (  # noqa: E402
     EarlyStopping,
     ModelEMA,
     de_parallel,
+    reuse_freed_memory,
     select_device,
     smart_DDP,
     smart_optimizer,
@@ -487,6 +488,8 @@ def main(opt: argparse.Namespace) -> tuple | None:
     check_writable(opt.save_dir, "--resume" if opt.resume and not opt.evolve else "--project")
 
     device = select_device(opt.device, batch_size=opt.batch_size)
+    if device.type == "cpu":
+        reuse_freed_memory()  # large tensors reused, not page-faulted in anew each step (benchmarks/RESULTS.md)
     if LOCAL_RANK != -1:
         if opt.batch_size % WORLD_SIZE:
             raise UserError(f"--batch-size {opt.batch_size} must be a multiple of WORLD_SIZE {WORLD_SIZE}")

@@ -16,7 +16,8 @@ and the ratio distill / (plain + teacher) of the path training takes by default 
 distill.sparse.SPARSE_MAX_SHARE masked cells, dense above). Steps are timed in interleaved rounds so drift on a shared
 machine hits every row alike. Random images, random boxes (3-40% of the image), a random-weight teacher saved and
 loaded like a real --ft_weights checkpoint. The line before the last is the default setting's ratio with the output
-terms on, fgfi+kd / (plain + teacher full); the last line the FGFI-only ratio.
+terms on, fgfi+kd / (plain + teacher full); the last line the FGFI-only ratio. On CPU the process first reuses freed
+memory as train.py does (utils.torch_utils.reuse_freed_memory; --default-malloc leaves glibc's malloc as it is).
 
     python benchmarks/bench_train_step.py                     # CPU: yolov5n <- yolov5s at 320, batch 16, 1/7/30 boxes
     python benchmarks/bench_train_step.py --sweep             # where the sparse adapter stops paying (the crossover)
@@ -49,7 +50,7 @@ from models.yolo import DetectionModel  # noqa: E402
 from utils.checkpoint import save_checkpoint  # noqa: E402
 from utils.general import yaml_load  # noqa: E402
 from utils.loss import ComputeLoss  # noqa: E402
-from utils.torch_utils import select_device  # noqa: E402
+from utils.torch_utils import reuse_freed_memory, select_device  # noqa: E402
 
 ALWAYS_SPARSE = float("inf")
 
@@ -144,6 +145,7 @@ def run(opt: argparse.Namespace) -> list[dict]:
     """Time every step at every density; print the table; return one dict of figures per density."""
     device = select_device(opt.device)
     cuda = device.type == "cuda"
+    reused = not cuda and not opt.default_malloc and reuse_freed_memory()  # as train.py does on CPU
     torch.backends.cudnn.benchmark = True
     g = torch.Generator().manual_seed(0)
     hyp = yaml_load(ROOT / "data/hyps/hyp.scratch-low.yaml")
@@ -230,13 +232,16 @@ def run(opt: argparse.Namespace) -> list[dict]:
         row["loss_share"] = (row["mask"] + row["cells_loss"]) / row[f"distill_{auto}"]
         rows.append(row)
     distiller.sparse_max_share = SPARSE_MAX_SHARE
-    print_table(opt, device, distiller, rows)
+    print_table(opt, device, distiller, rows, reused)
     return rows
 
 
-def print_table(opt: argparse.Namespace, device: torch.device, distiller: Distiller, rows: list[dict]) -> None:
+def print_table(
+    opt: argparse.Namespace, device: torch.device, distiller: Distiller, rows: list[dict], reused: bool = False
+) -> None:
     cuda = device.type == "cuda"
-    name = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
+    malloc = "freed memory reused" if reused else "default malloc"
+    name = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads, {malloc}"
     k = opt.adapter_kernel
     print(
         f"\n{name}, torch {torch.__version__}; {opt.student} <- {opt.teacher}, {opt.imgsz} px, batch {opt.batch_size}, "
@@ -254,6 +259,7 @@ def print_table(opt: argparse.Namespace, device: torch.device, distiller: Distil
         "ratio_kd": "ratio fgfi+kd/(plain+full)",
         "plain_faults": "page faults, plain step", "teacher_faults": "page faults, teacher",
         "distill_dense_faults": "page faults, dense step", "distill_sparse_faults": "page faults, sparse step",
+        "teacher_full_faults": "page faults, teacher full", "fgfi_kd_faults": "page faults, fgfi+kd step",
     }  # fmt: skip
     if cuda:
         labels.update(plain_gb="peak GB, plain", distill_dense_gb="peak GB, dense", distill_sparse_gb="peak GB, sparse")
@@ -283,6 +289,8 @@ def sweep(opt: argparse.Namespace) -> list[tuple[float, float, float]]:
     crossover (the share where sparse stops being faster), the value distill.sparse.SPARSE_MAX_SHARE should hold."""
     device = select_device(opt.device)
     cuda = device.type == "cuda"
+    if not cuda and not opt.default_malloc:
+        reuse_freed_memory()  # as train.py does on CPU
     torch.manual_seed(0)
     student = DetectionModel(opt.student, nc=opt.nc)
     teacher = DetectionModel(opt.teacher, nc=opt.nc)
@@ -349,6 +357,10 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--adapter-kernel", type=int, default=3, help="3 (paper) or 1")
     parser.add_argument("--sweep", action="store_true", help="only the dense/sparse crossover sweep")
+    parser.add_argument(
+        "--default-malloc", action="store_true",
+        help="CPU: leave glibc's malloc as it is (train.py applies utils.torch_utils.reuse_freed_memory)",
+    )  # fmt: skip
     opt = parser.parse_args(argv)
     opt.boxes = [int(b) for b in str(opt.boxes).split(",")]
     if opt.imitation_layers not in (None, "detect"):
