@@ -72,6 +72,8 @@ ABLATION_ARMS = {
     **OUTPUT_ARMS,
     "kd-cls": {"kd_weight": KD["kd_weight"], "imitation_weight": 0.0},  # objectness + class alone
     "kd-box": {"box_kd_weight": KD["box_kd_weight"], "imitation_weight": 0.0},  # boxes alone
+    "kd-w3": {**KD, "kd_weight": 3.0, "imitation_weight": 0.0},  # 3x the recommended objectness + class weight
+    "kd-t2": {**KD, "kd_temperature": 2.0, "imitation_weight": 0.0},  # softer targets (temperature 2)
     "gtbox": {"imitation_region": "gtbox"},
     "full": {"imitation_region": "full"},
     # several levels with every box on every level (the paper's mask; before --imitation-boxes auto): collapse

@@ -89,7 +89,8 @@ def test_ablation_trains_every_region_level_psi_and_weight(tmp_path, tiny_data):
         assert yaml.safe_load((tmp_path / f"fgfi-3levels-{arm}-seed0/opt.yaml").read_text())["imitation_reduce"] == arm
     kd, box = experiment.KD["kd_weight"], experiment.KD["box_kd_weight"]
     for arm, weights in {
-        "kd": (0, kd, box), "fgfi+kd": (0.01, kd, box), "kd-cls": (0, kd, 0), "kd-box": (0, 0, box)
+        "kd": (0, kd, box), "fgfi+kd": (0.01, kd, box), "kd-cls": (0, kd, 0), "kd-box": (0, 0, box),
+        "kd-w3": (0, 3.0, box), "kd-t2": (0, kd, box),
     }.items():  # fmt: skip
         opt = yaml.safe_load((tmp_path / f"{arm}-seed0/opt.yaml").read_text())
         assert (opt["imitation_weight"], opt["kd_weight"], opt["box_kd_weight"]) == pytest.approx(weights), arm
@@ -98,6 +99,8 @@ def test_ablation_trains_every_region_level_psi_and_weight(tmp_path, tiny_data):
         assert [c for c in columns if c.startswith("train/") and c[6:-5] not in ("box", "obj", "cls")] == [
             f"train/{n}_loss" for n in names
         ], arm  # each term switched on is its own column, and only those
+    for arm, temperature in (("kd", 1.0), ("kd-t2", 2.0)):
+        assert yaml.safe_load((tmp_path / f"{arm}-seed0/opt.yaml").read_text())["kd_temperature"] == temperature
     summary = pd.read_csv(tmp_path / "summary.csv")
     assert list(summary["arm"]) == ["teacher", *experiment.ARMS]
     assert (tmp_path / "ablation.png").stat().st_size > 0
