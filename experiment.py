@@ -35,6 +35,7 @@ if str(ROOT) not in sys.path:
 
 import train  # noqa: E402
 import val  # noqa: E402
+from distill import PRECISIONS  # noqa: E402
 from utils.checkpoint import strip_optimizer  # noqa: E402
 from utils.general import LOGGER, UserError, check_dataset, check_yaml, colorstr  # noqa: E402
 
@@ -152,7 +153,10 @@ def run_experiment(
     for seed in seeds:
         for arm in arms:
             name = f"{arm}-seed{seed}"
-            extra = {} if ARMS[arm] is None else {"ft_weights": str(teacher), **ARMS[arm]}
+            precision = cfg.get("distill_precision") or "auto"
+            extra = (
+                {} if ARMS[arm] is None else {"ft_weights": str(teacher), "distill_precision": precision, **ARMS[arm]}
+            )
             settings = {**common, **extra, "cfg": cfg["student"], "seed": seed, "name": name}
             if cfg.get("student_weights"):  # a pretrained student: its weights (and its architecture)
                 settings.update(cfg="", weights=str(Path(cfg["student_weights"]).resolve()))
@@ -404,6 +408,10 @@ def parse_opt() -> argparse.Namespace:
     parser.add_argument("--imgsz", "--img", type=int, default=None, help="train and val image size (override)")
     parser.add_argument("--batch-size", type=int, default=None, help="batch size (override the preset)")
     parser.add_argument("--student-weights", default=None, help="a pretrained student .pt (default: from scratch)")
+    parser.add_argument(
+        "--distill-precision", choices=PRECISIONS, default=None,
+        help="train.py's --distill-precision for the distillation arms (default auto: bf16 on a CPU with AMX)",
+    )  # fmt: skip
     parser.add_argument("--seeds", "--seed", default="0", help="training seeds, e.g. 0 or 0,1,2")
     parser.add_argument("--ablation", action="store_true", help="also the imitation region/level/psi/weight arms")
     parser.add_argument("--arms", default="", help=f"train only these arms, comma-separated: {', '.join(ARMS)}")
@@ -421,6 +429,7 @@ if __name__ == "__main__":
                 opt.preset, opt.teacher, opt.project, opt.epochs, parse_seeds(opt.seeds), opt.ablation,
                 [a for a in opt.arms.split(",") if a] or None, device=opt.device, teacher_epochs=opt.teacher_epochs,
                 data=opt.data, imgsz=opt.imgsz, batch=opt.batch_size, student_weights=opt.student_weights,
+                distill_precision=opt.distill_precision,
             )  # fmt: skip
     except UserError as e:
         LOGGER.error(f"ERROR: {e}")

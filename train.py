@@ -31,7 +31,7 @@ if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
 import val as validate  # noqa: E402
-from distill import BOXES, REGIONS, Distiller, parse_imitation_layers  # noqa: E402
+from distill import BOXES, PRECISIONS, REGIONS, Distiller, parse_imitation_layers  # noqa: E402
 from distill.terms import DEFAULT_REDUCTION, REDUCTIONS, TERMS, term_weights  # noqa: E402
 from utils.autoanchor import check_anchors  # noqa: E402
 from utils.checkpoint import (  # noqa: E402
@@ -138,6 +138,7 @@ def train(hyp: dict | str, opt: argparse.Namespace, device: torch.device) -> tup
             opt.imitation_region, opt.imitation_weight, opt.adapter_kernel, opt.channels_last,
             weights={name: getattr(opt, f"{name}_weight") for name in TERMS}, kd_temperature=opt.kd_temperature,
             imitation_reduce=opt.imitation_reduce, imitation_boxes=opt.imitation_boxes, anchor_t=hyp["anchor_t"],
+            precision=opt.distill_precision,
         )  # fmt: skip
         if ckpt is not None and resume and ckpt.get("distill"):
             distiller.load_state_dict(ckpt["distill"])
@@ -462,6 +463,11 @@ def parse_opt(known: bool = False, args: list[str] | None = None) -> argparse.Na
         help="where to imitate: fgfi (anchor-IoU mask), gtbox (inside GT boxes), full (whole map)",
     )  # fmt: skip
     parser.add_argument("--adapter-kernel", type=int, default=3, help="adapter conv size: 3 (paper) or 1 (cheaper)")
+    parser.add_argument(
+        "--distill-precision", choices=PRECISIONS, default="auto",
+        help="CPU: teacher forward and adapter products in bf16 or fp32; auto (default): bf16 where the CPU has AMX "
+        "matrix units, fp32 elsewhere. The student trains in fp32 either way; CUDA: fp16 teacher, adapters under AMP",
+    )  # fmt: skip
     parser.add_argument("--channels-last", action="store_true", help="channels_last memory format (CUDA speed)")
     return parser.parse_known_args(args)[0] if known else parser.parse_args(args)
 

@@ -13,7 +13,7 @@ For each box density (--boxes, boxes per image), median wall time of:
   cells + loss     masked_cells (the host sync), the teacher gather and the imitation loss fwd+bwd (sparse path)
   adapter          the adapter alone, fwd+bwd, dense conv and sparse
 and the ratio distill / (plain + teacher) of the path training takes by default (sparse below
-distill.sparse.SPARSE_MAX_SHARE masked cells, dense above). Steps are timed in interleaved rounds so drift on a shared
+distill.sparse.default_max_share masked cells, dense above: SPARSE_MAX_SHARE, SPARSE_MAX_SHARE_BF16 in bf16). Steps are timed in interleaved rounds so drift on a shared
 machine hits every row alike. Random images, random boxes (3-40% of the image), a random-weight teacher saved and
 loaded like a real --ft_weights checkpoint. The line before the last is the default setting's ratio with the output
 terms on, fgfi+kd / (plain + teacher full); the last line the FGFI-only ratio. On CPU the process first reuses freed
@@ -42,15 +42,23 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from distill import Distiller, feature_channels, imitation_loss, imitation_mask, teacher_features, teacher_outputs  # noqa: E402
+from distill import (  # noqa: E402
+    PRECISIONS,
+    Distiller,
+    feature_channels,
+    imitation_loss,
+    imitation_mask,
+    teacher_features,
+    teacher_outputs,
+)
 from distill.loss import Adapter  # noqa: E402
-from distill.sparse import SPARSE_MAX_SHARE, gather_cells, masked_cells  # noqa: E402
+from distill.sparse import SPARSE_MAX_SHARE, SPARSE_MAX_SHARE_BF16, gather_cells, masked_cells  # noqa: E402
 from experiment import KD  # noqa: E402
 from models.yolo import DetectionModel  # noqa: E402
 from utils.checkpoint import save_checkpoint  # noqa: E402
 from utils.general import yaml_load  # noqa: E402
 from utils.loss import ComputeLoss  # noqa: E402
-from utils.torch_utils import reuse_freed_memory, select_device  # noqa: E402
+from utils.torch_utils import cpu_has_bf16_matmul, reuse_freed_memory, select_device  # noqa: E402
 
 ALWAYS_SPARSE = float("inf")
 
@@ -118,7 +126,8 @@ def part_steps(
     leaves = [f.detach().float().requires_grad_(True) for f in features]
     adapters = getattr(distiller.adapters, "module", distiller.adapters).m
     cells = masked_cells(masks, ALWAYS_SPARSE)
-    with torch.no_grad():
+    autocast = partial(torch.autocast, imgs.device.type, enabled=cuda or distiller.cpu_bf16)  # as the Distiller
+    with torch.no_grad(), autocast():
         adapted = [a(x, c).float().requires_grad_(True) for a, x, c in zip(adapters, leaves, cells)]
 
     def mask():
@@ -131,7 +140,7 @@ def part_steps(
 
     def adapter(sparse: bool):
         def fn():
-            with torch.autocast(imgs.device.type, enabled=cuda):
+            with autocast():
                 out = [a(x, c if sparse else None) for a, x, c in zip(adapters, leaves, cells)]
             sum(o.float().sum() for o in out).backward()
 
@@ -159,6 +168,7 @@ def run(opt: argparse.Namespace) -> list[dict]:
             Distiller(
                 student, teacher_file, device, opt.imitation_layers, iou_factor=opt.iou_factor,
                 adapter_kernel=opt.adapter_kernel, channels_last=opt.channels_last, weights=weights,
+                precision=opt.distill_precision,
             )
             for weights in (None, {"kd": KD["kd_weight"], "box_kd": KD["box_kd_weight"]})
         )  # fmt: skip
@@ -205,7 +215,7 @@ def run(opt: argparse.Namespace) -> list[dict]:
 
         return fn
 
-    rows = []
+    rows, default_share = [], distiller.sparse_max_share  # the path training takes (default_max_share)
     for boxes in opt.boxes:
         targets = random_targets(opt.batch_size, boxes, opt.nc, g).to(device)
         fns = {
@@ -222,7 +232,7 @@ def run(opt: argparse.Namespace) -> list[dict]:
         row.update({f"{k}_gb": peak_memory(fns[k], device) for k in ("plain", "distill_dense", "distill_sparse")})
         base = row["plain"] + row["teacher"]
         cells = sum(int(m.count_nonzero()) for m in masks)
-        auto = "sparse" if all(c is not None for c in masked_cells(masks, SPARSE_MAX_SHARE)) else "dense"
+        auto = "sparse" if all(c is not None for c in masked_cells(masks, default_share)) else "dense"
         row.update(
             boxes=boxes, share=cells / sum(m.numel() for m in masks), cells=cells, auto=auto,
             ratio_dense=row["distill_dense"] / base, ratio_sparse=row["distill_sparse"] / base,
@@ -231,7 +241,7 @@ def run(opt: argparse.Namespace) -> list[dict]:
         row["ratio_kd"] = row["fgfi_kd"] / (row["plain"] + row["teacher_full"])
         row["loss_share"] = (row["mask"] + row["cells_loss"]) / row[f"distill_{auto}"]
         rows.append(row)
-    distiller.sparse_max_share = SPARSE_MAX_SHARE
+    distiller.sparse_max_share = default_share
     print_table(opt, device, distiller, rows, reused)
     return rows
 
@@ -242,6 +252,8 @@ def print_table(
     cuda = device.type == "cuda"
     malloc = "freed memory reused" if reused else "default malloc"
     name = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads, {malloc}"
+    if not cuda:
+        name += f", teacher and adapters {distiller.precision} (--distill-precision {opt.distill_precision})"
     k = opt.adapter_kernel
     print(
         f"\n{name}, torch {torch.__version__}; {opt.student} <- {opt.teacher}, {opt.imgsz} px, batch {opt.batch_size}, "
@@ -286,7 +298,8 @@ def print_table(
 
 def sweep(opt: argparse.Namespace) -> list[tuple[float, float, float]]:
     """Adapter + imitation loss fwd+bwd, dense conv vs sparse, on random masks of growing share; prints the
-    crossover (the share where sparse stops being faster), the value distill.sparse.SPARSE_MAX_SHARE should hold."""
+    crossover (the share where sparse stops being faster), the value distill.sparse.SPARSE_MAX_SHARE (in bf16:
+    SPARSE_MAX_SHARE_BF16) should hold."""
     device = select_device(opt.device)
     cuda = device.type == "cuda"
     if not cuda and not opt.default_malloc:
@@ -300,29 +313,33 @@ def sweep(opt: argparse.Namespace) -> list[tuple[float, float, float]]:
     c_t = feature_channels(teacher, teacher.imitation_points(opt.imitation_layers))[0]
     h = w = opt.imgsz // stride
     adapter = Adapter(c_s, c_t, opt.adapter_kernel).to(device)
+    bf16 = not cuda and (opt.distill_precision == "bf16" or opt.distill_precision == "auto" and cpu_has_bf16_matmul())
+    autocast = partial(torch.autocast, device.type, enabled=cuda or bf16)  # as the Distiller runs the adapter
     x = torch.randn(opt.batch_size, c_s, h, w, device=device, requires_grad=True)
     t = torch.randn(opt.batch_size, c_t, h, w, device=device)
 
     def dense(m):
-        with torch.autocast(device.type, enabled=cuda):
+        with autocast():
             s = adapter(x)
         imitation_loss(s, t, m).backward()
 
     def sparse(m):
         (cells,) = masked_cells([m], ALWAYS_SPARSE)
-        with torch.autocast(device.type, enabled=cuda):
+        with autocast():
             s = adapter(x, cells)
         imitation_loss(s, gather_cells(t, cells)).backward()
 
     results = []
-    print(f"\nadapter {c_s} -> {c_t} ch, {opt.adapter_kernel}x{opt.adapter_kernel}, [{opt.batch_size}, {h}, {w}] map:")
+    k, precision = opt.adapter_kernel, "bf16" if bf16 else "fp32" if not cuda else "AMP"
+    print(f"\nadapter {c_s} -> {c_t} ch, {k}x{k}, [{opt.batch_size}, {h}, {w}] map, {precision}:")
     print(f"{'masked share':>14}{'dense ms':>12}{'sparse ms':>12}{'sparse/dense':>14}")
     for share in (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0):
         m = (torch.rand(opt.batch_size, 1, h, w, device=device) < share).float()
         times = interleaved_medians({"dense": partial(dense, m), "sparse": partial(sparse, m)}, opt.iters, 2, device)
         results.append((share, times["dense"], times["sparse"]))
         print(f"{share:>14.2f}{times['dense']:>12.2f}{times['sparse']:>12.2f}{times['sparse'] / times['dense']:>14.2f}")
-    print(f"crossover (sparse = dense, interpolated): {crossover(results):.2f}; SPARSE_MAX_SHARE = {SPARSE_MAX_SHARE}")
+    name, value = ("SPARSE_MAX_SHARE_BF16", SPARSE_MAX_SHARE_BF16) if bf16 else ("SPARSE_MAX_SHARE", SPARSE_MAX_SHARE)
+    print(f"crossover (sparse = dense, interpolated): {crossover(results):.2f}; {name} = {value}")
     return results
 
 
@@ -357,6 +374,10 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--adapter-kernel", type=int, default=3, help="3 (paper) or 1")
     parser.add_argument("--sweep", action="store_true", help="only the dense/sparse crossover sweep")
+    parser.add_argument(
+        "--distill-precision", choices=PRECISIONS, default="auto",
+        help="CPU: teacher and adapters in bf16 or fp32, as train.py's flag (auto: bf16 where the CPU has AMX)",
+    )  # fmt: skip
     parser.add_argument(
         "--default-malloc", action="store_true",
         help="CPU: leave glibc's malloc as it is (train.py applies utils.torch_utils.reuse_freed_memory)",

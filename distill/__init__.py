@@ -27,7 +27,7 @@ outputs:
 Training adds sum(weight * term) over the terms switched on to the detection loss (utils/loss.py ComputeLoss).
 """
 
-from distill.distiller import Distiller, check_settings, parse_imitation_layers
+from distill.distiller import PRECISIONS, Distiller, check_settings, parse_imitation_layers
 from distill.loss import Adapter, FeatureAdapters, feature_channels, imitation_loss
 from distill.mask import BOXES, REGIONS, imitation_mask, matched_boxes
 from distill.teacher import check_heads, load_teacher, match_layers, teacher_features, teacher_outputs
@@ -35,6 +35,7 @@ from distill.terms import TERMS, Term
 
 __all__ = (
     "BOXES",
+    "PRECISIONS",
     "REGIONS",
     "TERMS",
     "Adapter",

@@ -28,14 +28,17 @@ from typing import Callable, Union
 import torch
 from torch import nn
 
+from distill.gradsink import tap
 from distill.loss import FeatureAdapters, feature_channels
 from distill.mask import BOXES, REGIONS
 from distill.sparse import default_max_share, gather_cells, masked_cells
 from distill.teacher import check_heads, load_teacher, match_layers, teacher_features, teacher_outputs
 from distill.terms import DEFAULT_REDUCTION, REDUCTIONS, TERMS, check_weight, level_weights
 from utils.general import LOGGER, UserError, check_file, colorstr
+from utils.torch_utils import cpu_has_bf16_matmul
 
 LayerSpec = Union[str, list[int], None]  # None: the default point, 'detect': Detect's inputs, or layer indices
+PRECISIONS = ("auto", "fp32", "bf16")  # --distill-precision: the teacher's and the adapters' on CPU
 
 
 def parse_imitation_layers(value: LayerSpec | tuple) -> tuple[LayerSpec, LayerSpec]:
@@ -82,6 +85,7 @@ def check_settings(
     kd_temperature: float | None = None,
     imitation_reduce: str | None = None,
     imitation_boxes: str | None = None,
+    precision: str | None = None,
 ) -> None:
     """One line naming the flag and its allowed range for a bad setting (None: not chosen yet)."""
     if not 0 <= iou_factor < 1:
@@ -98,6 +102,8 @@ def check_settings(
         raise UserError(f"--imitation-reduce {imitation_reduce!r}: use one of {', '.join(REDUCTIONS)}")
     if imitation_boxes is not None and imitation_boxes not in BOXES:
         raise UserError(f"--imitation-boxes {imitation_boxes!r}: use one of {', '.join(BOXES)}")
+    if precision is not None and precision not in PRECISIONS:
+        raise UserError(f"--distill-precision {precision!r}: use one of {', '.join(PRECISIONS)}")
     if adapter_kernel < 1 or adapter_kernel % 2 == 0:
         raise UserError(f"--adapter-kernel {adapter_kernel}: use an odd size >= 1 (3 as in the paper, or 1)")
 
@@ -116,7 +122,8 @@ class Distiller:
         channels_last: teacher and adapters in channels_last memory format (--channels-last; the student is too).
         sparse_max_share: run the adapters on the masked cells alone when a level's masked share is below this, the
             dense conv otherwise; 0 always dense, > 1 always sparse. None: distill.sparse.default_max_share, i.e.
-            SPARSE_MAX_SHARE (measured) on CPU, the dense conv on CUDA (not measured there).
+            SPARSE_MAX_SHARE (measured) on CPU (SPARSE_MAX_SHARE_BF16 in bf16), the dense conv on CUDA (not measured
+            there).
         weights: the other terms' weights, {name: weight} (distill.terms.TERMS, e.g. {"kd": 1.0, "box_kd": 0.05});
             missing ones are 0 (off).
         kd_temperature: T of the output terms (distill.terms.kd_term).
@@ -126,6 +133,10 @@ class Distiller:
             'matched' (the boxes YOLOv5's loss assigns to that level's anchors, hyp anchor_t: distill.mask.matched_boxes)
             or 'auto': matched with several imitated layers, all with one (the paper's loss for the default layer).
         anchor_t: the anchor-ratio limit of 'matched' (hyp 'anchor_t', 4.0).
+        precision: on CPU, what the teacher's forward and the adapters' products run in: 'bf16' (bfloat16, gradients
+            summed in float32, as AMP does on CUDA), 'fp32', or 'auto' (bf16 where the CPU multiplies bfloat16 in
+            hardware, AMX: utils.torch_utils.cpu_has_bf16_matmul; fp32 elsewhere). The student trains in float32
+            either way. On CUDA it is not read: the teacher runs in fp16 and the adapters under the run's AMP.
     """
 
     def __init__(
@@ -146,6 +157,7 @@ class Distiller:
         imitation_reduce: str = DEFAULT_REDUCTION,
         imitation_boxes: str = "auto",
         anchor_t: float = 4.0,
+        precision: str = "auto",
     ):
         weights = {name: float((weights or {}).get(name, 0.0)) for name in TERMS if name != "imitation"}
         check_settings(
@@ -157,6 +169,7 @@ class Distiller:
             kd_temperature,
             imitation_reduce,
             imitation_boxes,
+            precision,
         )
         self.iou_factor, self.imitation_region = float(iou_factor), str(imitation_region)
         self.imitation_weight, self.adapter_kernel = float(imitation_weight), int(adapter_kernel)
@@ -168,8 +181,15 @@ class Distiller:
         self.kd_temperature, self.imitation_reduce = float(kd_temperature), str(imitation_reduce)
         self.imitation_boxes, self.anchor_t = str(imitation_boxes), float(anchor_t)
         self.teacher_path = str(Path(check_file(teacher, "--ft_weights")).resolve())
+        # CPU: bf16 teacher and adapter products where asked for or, by default, where the CPU has AMX
+        cpu = torch.device(device).type == "cpu"
+        self.cpu_bf16 = cpu and (precision == "bf16" or (precision == "auto" and cpu_has_bf16_matmul()))
+        self.precision = ("bf16" if self.cpu_bf16 else "fp32") if cpu else str(precision)  # resolved: --resume
         student = getattr(student, "module", student)
-        self.teacher = load_teacher(self.teacher_path, student, device, imitation_layers, teacher_layers=teacher_layers)
+        self.teacher = load_teacher(
+            self.teacher_path, student, device, imitation_layers, teacher_layers=teacher_layers,
+            dtype=torch.bfloat16 if self.cpu_bf16 else None,
+        )  # fmt: skip
         self.student_layers, self.teacher_layers = match_layers(
             self.teacher, student, imitation_layers, teacher_layers, self.teacher_path
         )
@@ -191,7 +211,9 @@ class Distiller:
         if channels_last:
             self.teacher.to(memory_format=torch.channels_last)
             self.adapters.to(memory_format=torch.channels_last)
-        self.sparse_max_share = float(default_max_share(device) if sparse_max_share is None else sparse_max_share)
+        self.sparse_max_share = float(
+            default_max_share(device, self.cpu_bf16) if sparse_max_share is None else sparse_max_share
+        )
         terms = ", ".join(f"{k} {w:g}" for k, w in self.loss_weights.items())
         text = f"{colorstr('Distillation: ')}teacher {self.teacher_path}, terms {terms}"
         if self.imitate:
@@ -205,6 +227,8 @@ class Distiller:
                 text += f", {'matched' if self.matched else 'all'} boxes (--imitation-boxes {self.imitation_boxes})"
         if self.outputs:
             text += f"; output temperature {self.kd_temperature:g}"
+        if self.cpu_bf16:
+            text += "; teacher and adapters in bf16 (--distill-precision fp32: float32)"
         LOGGER.info(text)
 
     def check_student(self, student: nn.Module, adopt_anchors: bool = False) -> None:
@@ -228,9 +252,10 @@ class Distiller:
         inputs hold 'student', 'teacher', 'mask' (lists, one entry per layer pair): the adapted student feature and
         the teacher's (no grad), either as maps [B, C_t, h, w] (dense path) or at the N masked cells only, [N, C_t]
         each (sparse path, where the masked share is below sparse_max_share), the mask [B, 1, h, w], and
-        'level_weights'. With an output term, 'teacher_preds' (the teacher's raw head outputs, [B, na, h, w, 5 + nc]
-        per level, no grad), 'teacher_anchors' and 'temperature'. ComputeLoss takes them as loss(preds, targets,
-        **inputs).
+        'level_weights' (the adapted feature in bf16 under precision bf16, as under CUDA AMP in fp16). With an output
+        term, 'teacher_preds' (the teacher's raw head outputs, [B, na, h, w, 5 + nc] per level, no grad, in the
+        teacher's dtype), 'teacher_anchors' and 'temperature', and preds are tapped (distill/gradsink.py: the output
+        terms add their gradients into theirs in place). ComputeLoss takes them as loss(preds, targets, **inputs).
         """
         # Teacher first: its intermediate maps are freed before the student's forward keeps its own for backward,
         # which lowers peak memory (on CPU: 730 vs 753 ms a step and no page faults vs 6,400; benchmarks/RESULTS.md).
@@ -248,12 +273,13 @@ class Distiller:
             cells = masked_cells(masks, self.sparse_max_share)  # after both forwards are queued: the step's one sync
             # float32 after the gather: only the masked cells' copy, not the whole map (imitation_loss casts the rest)
             teacher = [t if c is None else gather_cells(t, c).float() for t, c in zip(teacher, cells)]
-            inputs.update(
-                student=self.adapters(features, cells), teacher=teacher, mask=masks, level_weights=self.level_weights
-            )
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cpu_bf16):
+                adapted = self.adapters(features, cells)
+            inputs.update(student=adapted, teacher=teacher, mask=masks, level_weights=self.level_weights)
         else:
             preds = student(imgs)
-        if self.outputs:
+        if self.outputs:  # the output terms add their gradients into YOLOv5's loss gradient in place (gradsink)
+            preds = [tap(p) for p in preds]
             inputs.update(
                 teacher_preds=teacher_preds, teacher_anchors=self.teacher.model[-1].anchors,
                 temperature=self.kd_temperature,
@@ -300,6 +326,7 @@ class Distiller:
             "kd_temperature": self.kd_temperature,
             "imitation_reduce": self.imitation_reduce,
             "imitation_boxes": self.imitation_boxes,
+            "distill_precision": self.precision,
         }
 
     def state_dict(self) -> dict:
@@ -330,11 +357,13 @@ class Distiller:
             "kd_temperature",
             "imitation_reduce",
             "imitation_boxes",
+            "distill_precision",
         )
         keys += tuple(f"{name}_weight" for name in TERMS)
         opts = {k: state[k] for k in keys if k in state}
         opts.setdefault("imitation_reduce", "sum")  # runs from before the choice summed their imitated layers
         opts.setdefault("imitation_boxes", "all")  # and masked every level with every box
+        opts.setdefault("distill_precision", "fp32")  # and ran teacher and adapters in float32
         opts["ft_weights"] = state["teacher"]
         if "teacher_layers" in state:  # both lists: exactly the pairs the run trained with
             opts["imitation_layers"] = format_layers(state["imitation_layers"], state["teacher_layers"])

@@ -8,8 +8,10 @@ neighbourhood of the student feature (zeros beyond the border, as the conv's pad
 and multiplies the rows by the conv weight as a [C_t, k * k * C_s] matrix, and gather_cells picks the teacher feature
 at the same cells; imitation_loss of the two [N, C_t] matrices is the dense value, and the gradients reaching the
 student feature, the weight and the bias are the dense path's, to float32 rounding (tests/test_distill_sparse.py).
-On CPU (float32) _CellConv does the same in chunks of cells, with the products run by oneDNN; elsewhere (CPU autocast,
-or CUDA when asked for: by default CUDA runs the dense conv, default_max_share) it is the plain autograd composition.
+On CPU _CellConv does the same, with the products in float32 (run by oneDNN, in chunks of cells) or, under CPU
+autocast (the Distiller's bf16 precision on CPUs with AMX matrix units), in bfloat16 with float32 sums of the
+gradients; elsewhere (CUDA when asked for: by default CUDA runs the dense conv, default_max_share; float64) it is the
+plain autograd composition.
 """
 
 from __future__ import annotations
@@ -20,12 +22,18 @@ import torch.nn.functional as F
 # Sparse adapter when a level's masked share is below this, dense conv otherwise. Measured on CPU (2-core AMD EPYC,
 # 3x3 adapter 128 -> 256 channels on a [16, 40, 40] map; benchmarks/RESULTS.md, two sweeps): the sparse path costs
 # 0.42-0.47 of the dense conv at 30% of the cells, 0.82-0.84 at 60%, and breaks even at 79-85%. Re-measure on other
-# hardware with python benchmarks/bench_train_step.py --sweep (no GPU has been measured).
+# hardware with python benchmarks/bench_train_step.py --sweep (no GPU has been measured). The 2-core Xeon of 2026-12
+# gave 0.82 in float32.
 SPARSE_MAX_SHARE = 0.75
+# The same under the bf16 precision (CPUs with AMX: the Distiller's precision 'bf16'), where the dense conv gains more
+# from bf16 than the gathers do: the crossover was 0.58 and 0.60 in two sweeps on the 2-core Xeon (sparse 0.59 of the
+# dense conv at 30% of the cells, 0.85 at 50%).
+SPARSE_MAX_SHARE_BF16 = 0.55
 
 
-def default_max_share(device: torch.device | str) -> float:
-    """SPARSE_MAX_SHARE on CPU, where it was measured; 0 (always the dense conv) elsewhere until measured there.
+def default_max_share(device: torch.device | str, bf16: bool = False) -> float:
+    """SPARSE_MAX_SHARE on CPU (SPARSE_MAX_SHARE_BF16 with the adapter's products in bf16), where they were measured;
+    0 (always the dense conv) elsewhere until measured there.
 
     On CUDA the generic sparse path keeps the whole [N, k * k * C_s] neighbourhood matrix for backward, which under
     bf16 autocast can exceed the dense conv's memory (read from the code: 84-124 MiB vs 65 MiB at 50-74% masked cells
@@ -33,7 +41,9 @@ def default_max_share(device: torch.device | str) -> float:
     path also needs no host sync. Re-measure with benchmarks/bench_train_step.py --sweep and pass
     Distiller(sparse_max_share=...) to use it there.
     """
-    return SPARSE_MAX_SHARE if torch.device(device).type == "cpu" else 0.0
+    if torch.device(device).type != "cpu":
+        return 0.0
+    return SPARSE_MAX_SHARE_BF16 if bf16 else SPARSE_MAX_SHARE
 
 
 def masked_cells(masks: list[torch.Tensor], max_share: float = SPARSE_MAX_SHARE) -> list[torch.Tensor | None]:
@@ -67,10 +77,13 @@ def neighbourhoods(x: torch.Tensor, cells: torch.Tensor, k: int) -> torch.Tensor
     return _gather_rows(_padded_rows(x, k), _neighbour_index(x.shape, cells, k))
 
 
-def _padded_rows(x: torch.Tensor, k: int) -> torch.Tensor:
-    """[B, C, H, W] -> [B * (H + 2r) * (W + 2r), C]: channels last, zero-padded by r = k // 2 on every side."""
-    r = k // 2
-    return F.pad(x.permute(0, 2, 3, 1), (0, 0, r, r, r, r)).reshape(-1, x.shape[1])
+def _padded_rows(x: torch.Tensor, k: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """[B, C, H, W] -> [B * (H + 2r) * (W + 2r), C]: channels last, zero-padded by r = k // 2 on every side, in dtype
+    (default x's; converted in the same pass)."""
+    (b, c, h, w), r = x.shape, k // 2
+    padded = x.new_zeros((b, h + 2 * r, w + 2 * r, c), dtype=dtype or x.dtype)
+    padded[:, r : r + h, r : r + w] = x.permute(0, 2, 3, 1)
+    return padded.view(-1, c)
 
 
 def _neighbour_index(shape: torch.Size, cells: torch.Tensor, k: int) -> torch.Tensor:
@@ -97,22 +110,29 @@ def sparse_conv(x: torch.Tensor, cells: torch.Tensor, weight: torch.Tensor, bias
     """F.conv2d(x, weight, bias, padding=k // 2) at the given cells only: [B, C, H, W] -> [N, O] (cells: [N] indices
     into [B, H, W]; weight [O, C, k, k]). Gradients reach x, weight and bias as the dense conv's would.
 
-    float32 on CPU outside autocast runs _CellConv (chunked, matmuls as oneDNN 1x1 convs); anything else (CUDA, CPU
-    autocast, float64) the plain autograd composition of neighbourhoods and F.linear, which autocast handles.
+    float32 on CPU runs _CellConv (chunked), its products in float32 or, under CPU autocast, in the autocast dtype
+    (the output is then of that dtype, as autocast's F.linear would give); anything else (CUDA, float64) the plain
+    autograd composition of neighbourhoods and F.linear, which CUDA autocast handles.
     """
     cpu_fp32 = x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
-    if cpu_fp32 and len(cells) and not _cpu_autocast():
-        return _CellConv.apply(x, cells, weight, bias)
+    if cpu_fp32 and len(cells):
+        return _CellConv.apply(x, cells, weight, bias, _cpu_autocast_dtype() or torch.float32)
     rows = neighbourhoods(x, cells, weight.shape[-1])
     return F.linear(rows, _weight_matrix(weight).to(rows.dtype), None if bias is None else bias.to(rows.dtype))
 
 
-def _cpu_autocast() -> bool:
-    """CPU autocast is on (its products would run in bf16, which _CellConv's float32 backward cannot take)."""
+def _cpu_autocast_dtype() -> torch.dtype | None:
+    """The dtype CPU autocast runs products in (bfloat16 by default), None when it is off."""
     try:
-        return torch.is_autocast_enabled("cpu")
+        on = torch.is_autocast_enabled("cpu")
     except TypeError:  # torch < 2.4: no device argument
-        return torch.is_autocast_cpu_enabled()
+        on = torch.is_autocast_cpu_enabled()
+    if not on:
+        return None
+    try:
+        return torch.get_autocast_dtype("cpu")
+    except AttributeError:  # torch < 2.4
+        return torch.get_autocast_cpu_dtype()
 
 
 def _conv_matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -126,36 +146,55 @@ def _conv_matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = N
 
 
 class _CellConv(torch.autograd.Function):
-    """sparse_conv for float32 on CPU, in chunks of cells: no [N, k * k * C] matrix is ever held (backward gathers
-    the neighbourhoods again, chunk by chunk), so the step allocates no block large enough for the C allocator to
-    map it fresh from the OS (and page-fault it in) every step."""
+    """sparse_conv on CPU. dtype: what the products run in.
+
+    float32: in chunks of cells, the products as oneDNN 1x1 convs (_conv_matmul); no [N, k * k * C] matrix is ever
+    held (backward gathers the neighbourhoods again, chunk by chunk), so the step allocates no block large enough for
+    the C allocator to map it fresh from the OS (and page-fault it in) every step.
+    bfloat16 (or float16): the feature and the weight rounded to it once, every neighbourhood gathered in it at once
+    (half the bytes; kept for backward) and multiplied by plain matmuls (on CPUs with AMX, 9x faster than float32:
+    benchmarks/RESULTS.md). The output is in that dtype (as autocast's F.linear); the gradients of the feature, weight
+    and bias are summed in float32 over the neighbours, as under CUDA AMP, and returned in float32.
+    """
 
     CHUNK = 2048  # cells per chunk: [2048, 1152] float32 rows = 9.4 MB for the 3x3 adapter of yolov5n
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, cells: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
-        k = weight.shape[-1]
-        padded, index = _padded_rows(x, k), _neighbour_index(x.shape, cells, k)
-        matrix = _weight_matrix(weight)
-        out = torch.cat(
-            [_conv_matmul(_gather_rows(padded, rows), matrix, bias) for rows in index.split(_CellConv.CHUNK)]
-        )
-        ctx.save_for_backward(padded, index, matrix)
-        ctx.x_shape, ctx.k, ctx.has_bias = x.shape, k, bias is not None
+    def forward(ctx, x: torch.Tensor, cells: torch.Tensor, weight: torch.Tensor, bias, dtype: torch.dtype):
+        wide = dtype == torch.float32
+        with torch.autocast("cpu", enabled=False):
+            k = weight.shape[-1]
+            padded, index = _padded_rows(x, k, dtype), _neighbour_index(x.shape, cells, k)
+            matrix = _weight_matrix(weight).to(dtype)
+            bias = None if bias is None else bias.to(dtype)
+            if wide:
+                chunks = index.split(_CellConv.CHUNK)
+                out, rows = torch.cat([_conv_matmul(_gather_rows(padded, c), matrix, bias) for c in chunks]), None
+            else:  # half the bytes: every neighbourhood at once, kept for backward (15.6 MB for yolov5n's 6,769)
+                rows = _gather_rows(padded, index)
+                out = F.linear(rows, matrix, bias)
+        ctx.save_for_backward(padded, index, matrix, rows)
+        ctx.x_shape, ctx.x_dtype, ctx.k, ctx.has_bias = x.shape, x.dtype, k, bias is not None
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        padded, index, matrix = ctx.saved_tensors
-        (b, c, h, w), k = ctx.x_shape, ctx.k
-        grad = grad.contiguous()
-        grad_padded, grad_matrix = torch.zeros_like(padded), torch.zeros_like(matrix)
-        matrix_t = matrix.t().contiguous()
-        for rows, g in zip(index.split(_CellConv.CHUNK), grad.split(_CellConv.CHUNK)):
-            grad_matrix.addmm_(g.t(), _gather_rows(padded, rows))
-            grad_padded.index_add_(0, rows.flatten(), _conv_matmul(g, matrix_t).view(rows.numel(), c))
+        padded, index, matrix, rows = ctx.saved_tensors
+        (b, c, h, w), k, dtype = ctx.x_shape, ctx.k, padded.dtype
+        grad = grad.to(dtype).contiguous()
+        grad_padded = torch.zeros(padded.shape, dtype=torch.float32)
+        with torch.autocast("cpu", enabled=False):
+            if rows is None:  # float32, chunk by chunk
+                grad_matrix = torch.zeros(matrix.shape, dtype=torch.float32)
+                matrix_t = matrix.t().contiguous()
+                for chunk, g in zip(index.split(_CellConv.CHUNK), grad.split(_CellConv.CHUNK)):
+                    grad_matrix.addmm_(g.t(), _gather_rows(padded, chunk))
+                    grad_padded.index_add_(0, chunk.flatten(), _conv_matmul(g, matrix_t).view(chunk.numel(), c))
+            else:  # narrow products, float32 sums over the neighbours
+                grad_matrix = (grad.t() @ rows).float()
+                grad_padded.index_add_(0, index.flatten(), (grad @ matrix).float().view(index.numel(), c))
         r = k // 2
         grad_x = grad_padded.view(b, h + 2 * r, w + 2 * r, c)[:, r : r + h, r : r + w].permute(0, 3, 1, 2)
         grad_weight = grad_matrix.view(-1, k, k, c).permute(0, 3, 1, 2)
-        grad_bias = grad.sum(0) if ctx.has_bias else None
-        return grad_x, None, grad_weight, grad_bias
+        grad_bias = grad.float().sum(0) if ctx.has_bias else None
+        return grad_x.to(ctx.x_dtype), None, grad_weight, grad_bias, None

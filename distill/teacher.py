@@ -1,8 +1,8 @@
 """The FGFI teacher: a trained (usually larger) YOLOv5 detector whose features the student imitates.
 
 The teacher stays outside the student: it is loaded on its own, frozen (requires_grad False), in eval mode (BN
-statistics never move), fp16 on CUDA, and is never part of the student's EMA, optimizer, DDP wrapper or checkpoint;
-only its path is saved (ckpt['distill']['teacher']).
+statistics never move), fp16 on CUDA (bf16 on a CPU with AMX matrix units: the Distiller's precision), and is never
+part of the student's EMA, optimizer, DDP wrapper or checkpoint; only its path is saved (ckpt['distill']['teacher']).
 
 Imitated layers are chosen by layer index in the model YAML (DetectionModel.imitation_points), the teacher's either
 resolved from the same spec or given on their own (another architecture: --imitation-layers 17,20,23:23,26,29), and
@@ -29,6 +29,7 @@ def load_teacher(
     half: bool | None = None,
     fuse: bool = True,
     teacher_layers: None | str | list[int] = None,
+    dtype: torch.dtype | None = None,
 ) -> nn.Module:
     """Load a frozen eval teacher DetectionModel for distilling `student`, checking the two are compatible.
 
@@ -42,6 +43,9 @@ def load_teacher(
         fuse: fold BN into the convolutions (faster; the teacher is frozen anyway).
         teacher_layers: the teacher's own layer indices, paired one by one with the student's (another
             architecture); None resolves imitation_layers on the teacher too (see match_layers).
+        dtype: the teacher's dtype, e.g. torch.bfloat16 on a CPU with AMX (Distiller's precision 'bf16'); None: fp16
+            where half (by default on CUDA), float32 otherwise. Detect's anchors stay float32 whatever the dtype
+            (bfloat16 would round some, e.g. 373 / 32, and a student adopting the teacher's anchors copies them).
 
     Returns:
         The teacher DetectionModel. Its features: teacher_features(teacher, imgs, teacher.imitation_points(layers)).
@@ -68,8 +72,13 @@ def load_teacher(
         teacher.fuse()
     teacher.requires_grad_(False)
     teacher.eval()
-    if device.type == "cuda" if half is None else half:
-        teacher.half()
+    if dtype is None and (device.type == "cuda" if half is None else half):
+        dtype = torch.float16
+    if dtype is not None and dtype != torch.float32:
+        head = teacher.model[-1]
+        anchors = head.anchors.clone()
+        teacher.to(dtype)
+        head.anchors = anchors
     return teacher
 
 

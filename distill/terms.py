@@ -31,6 +31,7 @@ from typing import Callable
 
 import torch
 
+from distill.gradsink import read_rows, sink_of
 from distill.loss import imitation_loss
 from utils.metrics import bbox_iou
 
@@ -173,8 +174,9 @@ class _LogitKL(torch.autograd.Function):
     rows [K] distinct anchor indices into n and cls_weight [K], or both None (no class part).
 
     Written out because autograd's composition of the same formula (slices, gathers, two BCEs, means) made a dozen
-    full-size passes in backward (benchmarks/RESULTS.md); here backward writes one full-size gradient: zeros, the
-    objectness column, the K class rows. Computed in float32 (float64 stays float64) on the columns and rows read,
+    full-size passes in backward (benchmarks/RESULTS.md); here backward adds the objectness column and the K class
+    rows into a tapped s's gradient in place (distill/gradsink.py), or, for any other s, writes one full-size
+    gradient: zeros, the column, the rows. Computed in float32 (float64 stays float64) on the columns and rows read,
     never on a full-size float copy of the output.
     """
 
@@ -189,17 +191,29 @@ class _LogitKL(torch.autograd.Function):
             loss = loss + kl.sum(1) @ cls_weight
         ctx.save_for_backward(diff_obj, diff_cls, rows, cls_weight)
         ctx.obj_weight, ctx.temperature, ctx.shape, ctx.dtype = obj_weight, temperature, s.shape, s.dtype
+        ctx.sink = sink_of(s)
         return loss * temperature**2
 
     @staticmethod
     def backward(ctx, grad):
         diff_obj, diff_cls, rows, cls_weight = ctx.saved_tensors
         scale = grad * ctx.temperature  # d(T^2 * KL) / ds = T^2 * (q - p) / T
+        obj = diff_obj * (scale * ctx.obj_weight)
+        cls = None if rows is None else diff_cls * (scale * cls_weight).unsqueeze(1)
+        if ctx.sink is not None:  # into the tapped output's gradient, in place
+
+            def update(g: torch.Tensor) -> None:
+                g[:, 4] += obj.to(g.dtype)
+                if cls is not None:
+                    g[:, 5:].index_add_(0, rows, cls.to(g.dtype))
+
+            ctx.sink.add(update)
+            return None, None, None, None, None, None
         out = torch.zeros(ctx.shape, dtype=ctx.dtype, device=grad.device)
         flat = out.view(-1, ctx.shape[-1])
-        flat[:, 4] = diff_obj * (scale * ctx.obj_weight)
-        if rows is not None:
-            flat[rows, 5:] = (diff_cls * (scale * cls_weight).unsqueeze(1)).to(ctx.dtype)
+        flat[:, 4] = obj
+        if cls is not None:
+            flat[rows, 5:] = cls.to(ctx.dtype)
         return out, None, None, None, None, None
 
 
@@ -256,21 +270,23 @@ def box_kd_term(
     if preds is None or teacher_preds is None or anchors is None or teacher_anchors is None:
         return _zero(preds, teacher_preds)
     with torch.autocast(device_type=preds[0].device.type, enabled=False):
-        total, weight_sum = _zero(preds), _zero(preds)
+        weights, boxes, anchor_pairs = [], [], []
         for s, t, a_s, a_t in zip(preds, teacher_preds, anchors, teacher_anchors):
             _, na, h, w, no = s.shape
             t = t.detach().reshape(-1, no)
             logits, rows = top_anchors(t[:, 4].float(), top_share)
             p = logits.sigmoid()
-            weight = p * (p > min_obj)
+            weights.append(p * (p > min_obj))
             anchor = rows // (h * w) % na  # each row's anchor index
-            # CIoU in float64: in float32 1 + 1e-7 == 1, so a student box equal to the teacher's (a student started
-            # from the teacher) makes CIoU's alpha 0 / 0 = NaN; K boxes are a small tensor beside the network
-            student_box = _decode(s.reshape(-1, no)[rows, :4].double(), a_s.double()[anchor])
-            teacher_box = _decode(t[rows, :4].double(), a_t.double().to(s.device)[anchor])
-            iou = bbox_iou(student_box, teacher_box, CIoU=True).squeeze(-1).float()
-            total, weight_sum = total + (weight * (1.0 - iou)).sum(), weight_sum + weight.sum()
-        return total / weight_sum.clamp(min=1)
+            boxes.append((read_rows(s, rows, 4).double(), t[rows, :4].double()))
+            anchor_pairs.append((a_s.double()[anchor], a_t.double().to(s.device)[anchor]))
+        # every level's rows at once (boxes in grid cells of their own level: CIoU compares each pair in its level);
+        # CIoU in float64: in float32 1 + 1e-7 == 1, so a student box equal to the teacher's (a student started from
+        # the teacher) makes CIoU's alpha 0 / 0 = NaN; K boxes are a small tensor beside the network
+        (s_box, t_box), (s_anchor, t_anchor) = ([torch.cat(x) for x in zip(*pairs)] for pairs in (boxes, anchor_pairs))
+        iou = bbox_iou(_decode(s_box, s_anchor), _decode(t_box, t_anchor), CIoU=True).squeeze(-1).float()
+        weight = torch.cat(weights)
+        return (weight * (1.0 - iou)).sum() / weight.sum().clamp(min=1)
 
 
 def _decode(box: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ from distill import Distiller
 from distill.loss import Adapter, FeatureAdapters, imitation_loss
 from distill.sparse import (
     SPARSE_MAX_SHARE,
+    SPARSE_MAX_SHARE_BF16,
     _CellConv,
     default_max_share,
     gather_cells,
@@ -161,6 +162,8 @@ def test_default_share_by_device_and_no_sync_when_dense(monkeypatch):
     """The measured crossover on CPU, the dense conv elsewhere (not measured there); with max_share <= 0 masked_cells
     never reads the masks' counts (no host sync on CUDA)."""
     assert default_max_share("cpu") == default_max_share(torch.device("cpu")) == SPARSE_MAX_SHARE
+    assert default_max_share("cpu", bf16=True) == SPARSE_MAX_SHARE_BF16 < SPARSE_MAX_SHARE  # measured lower in bf16
+    assert default_max_share("cuda", bf16=True) == 0.0
     for device in ("cuda", "cuda:1", torch.device("cuda", 0), "mps"):  # a device string needs no GPU to be read
         assert default_max_share(device) == 0.0, device
     masks = [torch.zeros(2, 1, 4, 4), torch.ones(2, 4, 4)]
@@ -181,18 +184,19 @@ def test_default_share_by_device_and_no_sync_when_dense(monkeypatch):
     assert masked_cells([], 0.0) == []
 
 
-def test_distiller_on_cpu_goes_sparse_just_below_the_crossover(teacher_pt):
-    """A Distiller on CPU defaults to SPARSE_MAX_SHARE and takes the sparse path for a level whose masked share is
-    below it, the dense conv from it on: masks of exactly the crossover share and one cell fewer."""
+@pytest.mark.parametrize("precision, share", [("fp32", SPARSE_MAX_SHARE), ("bf16", SPARSE_MAX_SHARE_BF16)])
+def test_distiller_on_cpu_goes_sparse_just_below_the_crossover(teacher_pt, precision, share):
+    """A Distiller on CPU defaults to SPARSE_MAX_SHARE (SPARSE_MAX_SHARE_BF16 in bf16) and takes the sparse path for
+    a level whose masked share is below it, the dense conv from it on: masks of the first share at or above the
+    crossover and one cell fewer."""
     torch.manual_seed(0)
     student = DetectionModel("yolov5n.yaml", nc=8).train()
-    distiller = Distiller(student, teacher_pt, "cpu")  # default layer 16: stride 8, 8 x 8 cells at 64 x 64
-    assert distiller.sparse_max_share == SPARSE_MAX_SHARE
+    distiller = Distiller(student, teacher_pt, "cpu", precision=precision)  # layer 16: 8 x 8 cells at 64 x 64
+    assert distiller.sparse_max_share == share == default_max_share("cpu", bf16=precision == "bf16")
     imgs, targets = torch.rand(1, 3, 64, 64), torch.tensor([[0, 1, 0.5, 0.5, 0.4, 0.4]])
     cells = 8 * 8
-    at = math.ceil(SPARSE_MAX_SHARE * cells)  # the fewest masked cells with a share >= the crossover
-    assert 0 < at <= cells and (at - 1) / cells < SPARSE_MAX_SHARE <= at / cells
-    assert at / cells == SPARSE_MAX_SHARE  # 0.75 of 64 cells is a whole number: the boundary itself is tested
+    at = math.ceil(share * cells)  # the fewest masked cells with a share >= the crossover
+    assert 0 < at <= cells and (at - 1) / cells < share <= at / cells
 
     def student_with_mask(n: int):
         """The student, its imitation mask replaced by one with the first n cells set."""
@@ -218,10 +222,10 @@ def test_distiller_on_cpu_goes_sparse_just_below_the_crossover(teacher_pt):
 @pytest.mark.parametrize("layers", [None, [17, 20, 23]])
 def test_distiller_sparse_by_default_with_the_dense_losses_and_gradients(teacher_pt, layers):
     """One fixed batch through the Distiller and ComputeLoss, default (sparse) vs always-dense: the same loss items and
-    the same gradients for every student and adapter parameter."""
+    the same gradients for every student and adapter parameter (float32; bf16: tests/test_distill_precision.py)."""
     torch.manual_seed(0)
     student = DetectionModel("yolov5n.yaml", nc=8).train()
-    distiller = Distiller(student, teacher_pt, "cpu", layers)
+    distiller = Distiller(student, teacher_pt, "cpu", layers, precision="fp32")
     assert distiller.sparse_max_share == SPARSE_MAX_SHARE
     compute_loss = ComputeLoss(student, yaml_load("data/hyps/hyp.scratch-low.yaml"), imitation_weight=0.01)
     imgs = torch.rand(2, 3, 128, 96)  # non-square

@@ -269,10 +269,11 @@ def fixed_batch():
     return imgs, targets
 
 
-def test_distiller_with_output_terms_reaches_the_head_not_the_teacher(teacher_pt):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_distiller_with_output_terms_reaches_the_head_not_the_teacher(teacher_pt, precision):
     torch.manual_seed(0)
     student = DetectionModel("yolov5n.yaml", nc=8).train()
-    distiller = Distiller(student, teacher_pt, "cpu", weights={"kd": 1.0, "box_kd": 0.05})
+    distiller = Distiller(student, teacher_pt, "cpu", weights={"kd": 1.0, "box_kd": 0.05}, precision=precision)
     assert distiller.outputs and distiller.loss_weights == {"imitation": 0.01, "kd": 1.0, "box_kd": 0.05}
     for p in distiller.teacher.parameters():
         p.requires_grad_(True)  # even a teacher whose parameters could take gradients gets none
@@ -284,7 +285,7 @@ def test_distiller_with_output_terms_reaches_the_head_not_the_teacher(teacher_pt
     loss, items = compute_loss(preds, targets, **inputs)
     assert items["kd"] > 0 and items["box_kd"] >= 0
     # the terms read the teacher's own head outputs: its plain eval forward returns them raw beside the decoded ones
-    teacher_preds = distiller.teacher(imgs)[1]
+    teacher_preds = distiller.teacher(imgs.to(next(distiller.teacher.parameters()).dtype))[1]
     for t, mine in zip(teacher_preds, inputs["teacher_preds"]):
         torch.testing.assert_close(t, mine)
     want = kd_term(preds=preds, teacher_preds=teacher_preds, balance=compute_loss.balance)
@@ -326,7 +327,7 @@ def test_output_terms_at_weight_zero_give_todays_fgfi_losses(teacher_pt):
     for weights in (None, {"kd": 0.0, "box_kd": 0.0}):
         torch.manual_seed(0)
         student = DetectionModel("yolov5n.yaml", nc=8).train()
-        distiller = Distiller(student, teacher_pt, "cpu", weights=weights, sparse_max_share=0.0)
+        distiller = Distiller(student, teacher_pt, "cpu", weights=weights, sparse_max_share=0.0, precision="fp32")
         assert not distiller.outputs and distiller.loss_weights == {"imitation": 0.01}
         compute_loss = ComputeLoss(student, yaml_load(HYP), distill_weights=distiller.loss_weights)
         preds, inputs = distiller(student, imgs, targets)

@@ -11,10 +11,11 @@ import torch
 import distill.distiller
 import train
 import val
-from distill.sparse import SPARSE_MAX_SHARE
+from distill.sparse import default_max_share
 from models.yolo import DetectionModel
 from utils.checkpoint import attempt_load, load_checkpoint
 from utils.general import UserError
+from utils.torch_utils import cpu_has_bf16_matmul
 
 pytestmark = pytest.mark.slow
 
@@ -108,8 +109,13 @@ def test_distillation_end_to_end_and_resume(tmp_path, tiny_data, teacher_pt, mon
     ckpt = load_checkpoint(last)
     adapters_epoch0 = ckpt["distill"]["adapters"]
     assert ckpt["distill"]["imitation_layers"] == [16]
-    # training takes the sparse adapter wherever the masked share is below the measured crossover
-    assert paths and all(limit == SPARSE_MAX_SHARE and sparse == (share < limit) for share, limit, sparse in paths)
+    # --distill-precision auto, resolved on this CPU and saved for --resume
+    bf16 = cpu_has_bf16_matmul()
+    assert ckpt["distill"]["distill_precision"] == ("bf16" if bf16 else "fp32")
+    assert teachers[0][0].model[0].conv.weight.dtype == (torch.bfloat16 if bf16 else torch.float32)
+    # training takes the sparse adapter wherever the masked share is below the measured crossover (for the precision)
+    limit_cpu = default_max_share("cpu", bf16=bf16)
+    assert paths and all(limit == limit_cpu and sparse == (share < limit) for share, limit, sparse in paths)
     assert any(sparse for *_, sparse in paths), paths
     # teacher 2x wider than the student: the adapter maps 128 -> 256 channels at layer 16 of yolov5n/s
     weight = next(v for k, v in adapters_epoch0.items() if k.endswith("weight") and v.dim() == 4)
@@ -142,6 +148,7 @@ def test_distillation_end_to_end_and_resume(tmp_path, tiny_data, teacher_pt, mon
     train.run(resume=str(last))
     assert restored and all(torch.equal(restored[0][k], adapters_epoch0[k]) for k in adapters_epoch0)
     assert len(teachers) == 2  # the teacher was loaded again for the resumed run
+    assert next(teachers[1][0].parameters()).dtype == next(teachers[0][0].parameters()).dtype  # same precision
     df = _results(tmp_path / "d")
     assert list(df["epoch"]) == [0, 1]
     assert "train/imitation_loss" in df.columns and (df["train/imitation_loss"] > 0).all()

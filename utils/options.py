@@ -26,6 +26,7 @@ def check_train_options(opt: argparse.Namespace) -> None:
     opt.imitation_region = getattr(opt, "imitation_region", "fgfi")  # opt.yaml of runs older than the flag
     opt.adapter_kernel = int(getattr(opt, "adapter_kernel", 3))
     opt.imitation_boxes = getattr(opt, "imitation_boxes", "all")  # opt.yaml of runs older than the flag
+    opt.distill_precision = getattr(opt, "distill_precision", "fp32")  # runs older than the flag: float32
     parse_imitation_layers(getattr(opt, "imitation_layers", None))
     weights = {name: getattr(opt, f"{name}_weight", None) for name in TERMS if name != "imitation"}
     temperature = getattr(opt, "kd_temperature", None)
@@ -39,6 +40,7 @@ def check_train_options(opt: argparse.Namespace) -> None:
             temperature,
             opt.imitation_reduce,
             opt.imitation_boxes,
+            opt.distill_precision,
         )
     else:
         given = [f"--{name.replace('_', '-')}-weight" for name, w in weights.items() if w]
