@@ -51,6 +51,7 @@ from distill import (  # noqa: E402
     teacher_features,
     teacher_outputs,
 )
+from distill.distiller import resolve_cpu_bf16  # noqa: E402
 from distill.loss import Adapter  # noqa: E402
 from distill.sparse import SPARSE_MAX_SHARE, SPARSE_MAX_SHARE_BF16, gather_cells, masked_cells  # noqa: E402
 from experiment import KD  # noqa: E402
@@ -58,7 +59,7 @@ from models.yolo import DetectionModel  # noqa: E402
 from utils.checkpoint import save_checkpoint  # noqa: E402
 from utils.general import yaml_load  # noqa: E402
 from utils.loss import ComputeLoss  # noqa: E402
-from utils.torch_utils import cpu_has_bf16_matmul, reuse_freed_memory, select_device  # noqa: E402
+from utils.torch_utils import reuse_freed_memory, select_device  # noqa: E402
 
 ALWAYS_SPARSE = float("inf")
 
@@ -313,7 +314,7 @@ def sweep(opt: argparse.Namespace) -> list[tuple[float, float, float]]:
     c_t = feature_channels(teacher, teacher.imitation_points(opt.imitation_layers))[0]
     h = w = opt.imgsz // stride
     adapter = Adapter(c_s, c_t, opt.adapter_kernel).to(device)
-    bf16 = not cuda and (opt.distill_precision == "bf16" or opt.distill_precision == "auto" and cpu_has_bf16_matmul())
+    bf16 = resolve_cpu_bf16(opt.distill_precision, device)
     autocast = partial(torch.autocast, device.type, enabled=cuda or bf16)  # as the Distiller runs the adapter
     x = torch.randn(opt.batch_size, c_s, h, w, device=device, requires_grad=True)
     t = torch.randn(opt.batch_size, c_t, h, w, device=device)

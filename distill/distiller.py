@@ -108,6 +108,14 @@ def check_settings(
         raise UserError(f"--adapter-kernel {adapter_kernel}: use an odd size >= 1 (3 as in the paper, or 1)")
 
 
+def resolve_cpu_bf16(precision: str, device: torch.device | str) -> bool:
+    """--distill-precision resolved: whether the teacher and the adapters' products run in bf16 (on CPU only: 'bf16',
+    or 'auto' where the CPU has AMX, utils.torch_utils.cpu_has_bf16_matmul)."""
+    if torch.device(device).type != "cpu":
+        return False
+    return precision == "bf16" or (precision == "auto" and cpu_has_bf16_matmul())
+
+
 class Distiller:
     """Distillation of a YOLOv5 student from a frozen teacher; see the module docstring.
 
@@ -182,8 +190,8 @@ class Distiller:
         self.imitation_boxes, self.anchor_t = str(imitation_boxes), float(anchor_t)
         self.teacher_path = str(Path(check_file(teacher, "--ft_weights")).resolve())
         # CPU: bf16 teacher and adapter products where asked for or, by default, where the CPU has AMX
+        self.cpu_bf16 = resolve_cpu_bf16(precision, device)
         cpu = torch.device(device).type == "cpu"
-        self.cpu_bf16 = cpu and (precision == "bf16" or (precision == "auto" and cpu_has_bf16_matmul()))
         self.precision = ("bf16" if self.cpu_bf16 else "fp32") if cpu else str(precision)  # resolved: --resume
         student = getattr(student, "module", student)
         self.teacher = load_teacher(

@@ -63,6 +63,20 @@ def sink_of(x: torch.Tensor) -> GradSink | None:
     return getattr(x, "_grad_sink", None)
 
 
+def hand_over(
+    sink: GradSink | None, update: Callable[[torch.Tensor], None], shape: torch.Size, dtype: torch.dtype, device
+) -> torch.Tensor | None:
+    """A term's backward: its gradient update for a tapped output, handed to the output's sink (returns None: the
+    tap adds it in place), or, for an untapped output (sink None), applied to a fresh full-size zero gradient of
+    `shape`, which it returns."""
+    if sink is not None:
+        sink.add(update)
+        return None
+    out = torch.zeros(shape, dtype=dtype, device=device)
+    update(out.view(-1, shape[-1]))
+    return out
+
+
 def read_rows(x: torch.Tensor, rows: torch.Tensor, columns: int) -> torch.Tensor:
     """x.reshape(-1, x.shape[-1])[rows, :columns] ([K, columns]; rows distinct), whose backward adds into a tapped
     x's gradient in place (tap) or, for any other x, returns the full-size gradient autograd's indexing would."""
@@ -80,9 +94,8 @@ class _ReadRows(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         (rows,) = ctx.saved_tensors
         columns = ctx.columns
-        if ctx.sink is not None:
-            ctx.sink.add(lambda g: g[:, :columns].index_add_(0, rows, grad.to(g.dtype)))
-            return None, None, None
-        out = torch.zeros(ctx.shape, dtype=ctx.dtype, device=grad.device)
-        out.view(-1, ctx.shape[-1])[rows, :columns] = grad.to(ctx.dtype)
-        return out, None, None
+
+        def update(g: torch.Tensor) -> None:
+            g[:, :columns].index_add_(0, rows, grad.to(g.dtype))
+
+        return hand_over(ctx.sink, update, ctx.shape, ctx.dtype, grad.device), None, None

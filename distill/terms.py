@@ -31,7 +31,7 @@ from typing import Callable
 
 import torch
 
-from distill.gradsink import read_rows, sink_of
+from distill.gradsink import hand_over, read_rows, sink_of
 from distill.loss import imitation_loss
 from utils.metrics import bbox_iou
 
@@ -200,21 +200,13 @@ class _LogitKL(torch.autograd.Function):
         scale = grad * ctx.temperature  # d(T^2 * KL) / ds = T^2 * (q - p) / T
         obj = diff_obj * (scale * ctx.obj_weight)
         cls = None if rows is None else diff_cls * (scale * cls_weight).unsqueeze(1)
-        if ctx.sink is not None:  # into the tapped output's gradient, in place
 
-            def update(g: torch.Tensor) -> None:
-                g[:, 4] += obj.to(g.dtype)
-                if cls is not None:
-                    g[:, 5:].index_add_(0, rows, cls.to(g.dtype))
+        def update(g: torch.Tensor) -> None:  # g: the output's gradient as [n, 5 + nc] rows
+            g[:, 4] += obj.to(g.dtype)
+            if cls is not None:
+                g[:, 5:].index_add_(0, rows, cls.to(g.dtype))
 
-            ctx.sink.add(update)
-            return None, None, None, None, None, None
-        out = torch.zeros(ctx.shape, dtype=ctx.dtype, device=grad.device)
-        flat = out.view(-1, ctx.shape[-1])
-        flat[:, 4] = obj
-        if cls is not None:
-            flat[rows, 5:] = cls.to(ctx.dtype)
-        return out, None, None, None, None, None
+        return hand_over(ctx.sink, update, ctx.shape, ctx.dtype, grad.device), None, None, None, None, None
 
 
 def _wide(x: torch.Tensor) -> torch.Tensor:
