@@ -33,6 +33,7 @@ from utils.general import (  # noqa: E402
     LOGGER,
     UserError,
     check_img_size,
+    check_range,
     check_writable,
     colorstr,
     increment_path,
@@ -145,8 +146,10 @@ def run(
         raise UserError(f"--source {source}: webcams, streams, URLs and screenshots are not supported; "
                         "pass an image, video, directory, glob or .txt list of paths")  # fmt: skip
     sizes = [imgsz] if isinstance(imgsz, int) else list(imgsz)
-    if not sizes or min(sizes) < 1:
-        raise UserError(f"--imgsz {' '.join(map(str, sizes))}: must be >= 1 pixel (rounded up to the model stride)")
+    if not sizes or len(sizes) > 2 or min(sizes) < 1:
+        raise UserError(f"--imgsz {' '.join(map(str, sizes))}: give one size or height and width, each >= 1 pixel")
+    check_range("--conf-thres", conf_thres, 0, 1)
+    check_range("--iou-thres", iou_thres, 0, 1)
     if vid_stride < 1:
         raise UserError(f"--vid-stride {vid_stride}: must be >= 1 (1 reads every video frame, 2 every other)")
     if dnn:
@@ -290,7 +293,7 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dnn", action="store_true", help="use OpenCV DNN for ONNX inference")
     parser.add_argument("--vid-stride", type=int, default=1, help="video frame-rate stride")
     opt = parser.parse_args(argv)
-    opt.imgsz *= 2 if len(opt.imgsz) == 1 else 1  # expand
+    opt.imgsz = opt.imgsz * 2 if len(opt.imgsz) == 1 else opt.imgsz  # expand (run checks the count)
     print_args(vars(opt), "detect")
     return opt
 

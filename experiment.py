@@ -48,10 +48,21 @@ _CPU = dict(
     student="yolov5n.yaml", teacher=str(TEACHER), imgsz=192, batch=16, epochs=9, data=BUILTIN_DATA, device="cpu",
     workers=2, hyp="hyp.short.yaml", optimizer="AdamW",
 )  # fmt: skip
+# Real photos (BCCD, beside the repo in ../shared/real): the student is yolov5n, fine-tuned from the official
+# COCO-pretrained checkpoint (bccd) or from scratch (bccd-scratch); the teacher, trained here once and shared by both,
+# is the same pretrained yolov5n fine-tuned on BCCD for a 3x longer schedule (a yolov5s from scratch was not clearly
+# better within what 2 CPU cores allow: README, Results)
+REAL = ROOT.parent / "shared/real"
+_BCCD = dict(
+    _CPU, data=str(REAL / "bccd.yaml"), teacher="yolov5n.yaml", teacher_weights=str(REAL / "weights/yolov5n.pt"),
+    teacher_epochs=36, imgsz=320, epochs=12, student_weights=str(REAL / "weights/yolov5n.pt"),
+)  # fmt: skip
 PRESETS = {
     "cpu": _CPU,
     "cpu-long": dict(_CPU, epochs=15),
     "gpu": dict(_CPU, teacher="yolov5m.yaml", teacher_epochs=120, imgsz=320, epochs=60, batch=64, device="", workers=8),
+    "bccd": _BCCD,
+    "bccd-scratch": dict(_BCCD, student_weights=None, epochs=24),
 }
 # How the shipped teacher is made: `python experiment.py --train-teacher` (same as train.py with these flags)
 TEACHER_RECIPE = dict(
@@ -63,16 +74,17 @@ TEACHER_RECIPE = dict(
 KD = {"kd_weight": 1.0, "box_kd_weight": 0.05}
 
 # Arms: train.run overrides on top of distillation from the teacher; None = the student alone
-MAIN_ARMS = {"student": None, "fgfi": {}}
+MAIN_ARMS = {"student": None, "default": {}}  # default: what --ft_weights alone gives (FGFI + kd + box_kd)
 OUTPUT_ARMS = {
+    "fgfi": {"kd_weight": 0.0, "box_kd_weight": 0.0},  # FGFI alone (the paper's method; see _FGFI_ONLY below)
     "kd": {**KD, "imitation_weight": 0.0},  # output terms alone: no feature imitation
-    "fgfi+kd": KD,
+    "fgfi+kd": KD,  # = the default recipe, with its weights named (no fallback where the head differs)
 }
 ALL_BOXES = {"imitation_boxes": "all"}
 ABLATION_ARMS = {
     **OUTPUT_ARMS,
-    "kd-cls": {"kd_weight": KD["kd_weight"], "imitation_weight": 0.0},  # objectness + class alone
-    "kd-box": {"box_kd_weight": KD["box_kd_weight"], "imitation_weight": 0.0},  # boxes alone
+    "kd-cls": {"kd_weight": KD["kd_weight"], "box_kd_weight": 0.0, "imitation_weight": 0.0},  # objectness + class
+    "kd-box": {"box_kd_weight": KD["box_kd_weight"], "kd_weight": 0.0, "imitation_weight": 0.0},  # boxes alone
     "kd-w3": {**KD, "kd_weight": 3.0, "imitation_weight": 0.0},  # 3x the recommended objectness + class weight
     "kd-t2": {**KD, "kd_temperature": 2.0, "imitation_weight": 0.0},  # softer targets (temperature 2)
     "gtbox": {"imitation_region": "gtbox"},
@@ -95,14 +107,20 @@ ABLATION_ARMS = {
     "fgfi-w0.003": {"imitation_weight": 0.003},
     "fgfi-w0.03": {"imitation_weight": 0.03},
 }
+# the FGFI variants (regions, levels, psi, weights) are measured without the output terms, as FGFI alone
+ABLATION_ARMS = {
+    arm: {"kd_weight": 0.0, "box_kd_weight": 0.0, **extra} if arm.startswith(("fgfi", "gtbox", "full")) else extra
+    for arm, extra in ABLATION_ARMS.items()
+}
 ARMS = {**MAIN_ARMS, **ABLATION_ARMS}
 MAP_COLUMN = "metrics/mAP_0.5:0.95"  # results.csv column of the per-epoch validation mAP50-95
+BOX_COLUMN = "train/box_loss"  # and of the training box loss
 
 
 def run_experiment(
     preset: str = "cpu",
     teacher: str = "",
-    project: str | Path = ROOT / "runs/experiment",
+    project: str | Path = "",
     epochs: int | None = None,
     seeds: tuple[int, ...] | list[int] = (0,),
     ablation: bool = False,
@@ -130,7 +148,7 @@ def run_experiment(
             raise UserError(f"{flag} {cfg[key]}: must be >= 1")
     if cfg.get("student_weights") and not Path(cfg["student_weights"]).is_file():
         raise UserError(f"--student-weights {cfg['student_weights']}: file not found")
-    project = Path(project)
+    project = Path(project or ROOT / ("runs/experiment" if preset == "cpu" else f"runs/experiment-{preset}"))
     project.mkdir(parents=True, exist_ok=True)
     common = dict(
         data=cfg["data"], imgsz=cfg["imgsz"], batch_size=cfg["batch"], device=cfg["device"], workers=cfg["workers"],
@@ -167,13 +185,18 @@ def run_experiment(
             curves[(arm, seed)] = _val_curve(project / name / "results.csv")
 
     df = pd.DataFrame(rows)
+    student = df[df["arm"] == "student"].set_index("seed")["mAP50_95"]
+    df["gain_vs_student"] = [m - student.get(s, math.nan) if a != "teacher" else math.nan
+                             for a, s, m in zip(df["arm"], df["seed"], df["mAP50_95"])]  # fmt: skip
     summary = summarize(df)
+    ahead = compare_curves(curves)
     df.to_csv(project / "results.csv", index=False)
     summary.to_csv(project / "summary.csv", index=False)
+    ahead.to_csv(project / "curves.csv", index=False)
     plot_curves(curves, project / "map_curve.png")
     if len(set(arms) - set(MAIN_ARMS)):
         plot_ablation(summary, project / "ablation.png")
-    report = _report(df, summary, preset, cfg, seeds, time.time() - t0)
+    report = _report(df, summary, preset, cfg, seeds, time.time() - t0, ahead)
     (project / "results.md").write_text(report)
     LOGGER.info(f"\n{report}\nSaved to {colorstr('bold', project)}")
     return df
@@ -230,7 +253,27 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([top, stats], ignore_index=True)
 
 
-def _report(df: pd.DataFrame, summary: pd.DataFrame, preset: str, cfg: dict, seeds, seconds: float) -> str:
+def compare_curves(curves: dict) -> pd.DataFrame:
+    """Per distilled run, against the student alone of the same seed, epoch by epoch (validation mAP50-95): the
+    epochs it is ahead, and the first epoch from which it stays at or above the student to the end (NaN: never);
+    its training box loss at the last epoch beside the student's."""
+    rows = []
+    for (arm, seed), curve in curves.items():
+        base = curves.get(("student", seed))
+        if arm == "student" or base is None:
+            continue
+        diff = (curve[MAP_COLUMN] - base[MAP_COLUMN]).dropna()
+        behind = diff.index[diff < 0]
+        later = diff.index[diff.index > behind.max()] if len(behind) else diff.index
+        rows.append(dict(
+            arm=arm, seed=seed, epochs=len(diff), epochs_ahead=int((diff > 0).sum()),
+            ahead_from_epoch=later.min() if len(later) else math.nan,
+            box_loss_last=curve[BOX_COLUMN].iloc[-1], student_box_loss_last=base[BOX_COLUMN].iloc[-1],
+        ))  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def _report(df: pd.DataFrame, summary: pd.DataFrame, preset: str, cfg: dict, seeds, seconds: float, ahead=None) -> str:
     def markdown(table: pd.DataFrame) -> str:  # blanks, not "nan", where a value does not apply (the teacher)
         return table.astype(object).where(table.notna(), None).to_markdown(index=False, floatfmt=".4f", missingval="")
 
@@ -250,6 +293,13 @@ def _report(df: pd.DataFrame, summary: pd.DataFrame, preset: str, cfg: dict, see
         table,
         "",
     ]
+    if ahead is not None and len(ahead):
+        lines += [
+            "Per epoch against the student alone of the same seed (validation mAP50-95; epochs count from 0):",
+            "",
+            markdown(ahead),
+            "",
+        ]
     stats = summary.set_index("arm")
     for arm in [a for a in stats.index if a not in ("teacher", "student")] if "student" in stats.index else []:
         row = stats.loc[arm]
@@ -272,28 +322,32 @@ def _report(df: pd.DataFrame, summary: pd.DataFrame, preset: str, cfg: dict, see
     return "\n".join(lines) + "\n"
 
 
-def _val_curve(results_csv: Path) -> pd.Series:
+def _val_curve(results_csv: Path) -> pd.DataFrame:
+    """Per epoch: the validation mAP50-95 and the training box loss of one run."""
     df = pd.read_csv(results_csv, skipinitialspace=True)
     df.columns = df.columns.str.strip()
-    return df.set_index("epoch")[MAP_COLUMN]
+    return df.set_index("epoch")[[MAP_COLUMN, BOX_COLUMN]]
 
 
 def plot_curves(curves: dict, file: Path) -> None:
-    """Validation mAP50-95 per epoch: one line per (arm, seed), one colour per arm."""
+    """Two panels per epoch, one line per (arm, seed), one colour per arm: validation mAP50-95 and the training box
+    loss (where a distilled student learns its boxes slower than the student alone, it shows here first)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5), tight_layout=True)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), tight_layout=True)
     colours = {arm: f"C{i}" for i, arm in enumerate(dict.fromkeys(arm for arm, _ in curves))}
-    labelled = set()
-    for (arm, _), curve in curves.items():
-        ax.plot(curve.index, curve.values, color=colours[arm], alpha=0.8, label=None if arm in labelled else arm)
-        labelled.add(arm)
-    ax.set(xlabel="epoch", ylabel="val mAP50-95", title="Validation mAP50-95 per epoch (one line per seed)")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    for ax, column, label in zip(axes, (MAP_COLUMN, BOX_COLUMN), ("val mAP50-95", "train box loss")):
+        labelled = set()
+        for (arm, _), curve in curves.items():
+            values = curve[column]
+            ax.plot(values.index, values.values, color=colours[arm], alpha=0.8, label=None if arm in labelled else arm)
+            labelled.add(arm)
+        ax.set(xlabel="epoch", ylabel=label, title=f"{label} per epoch (one line per seed)")
+        ax.grid(alpha=0.3)
+        ax.legend()
     fig.savefig(file, dpi=150)
     plt.close(fig)
 
@@ -372,14 +426,22 @@ def ship_teacher(best: Path, recipe: dict = TEACHER_RECIPE) -> Path:
 
 
 def _train_teacher_for(project: Path, cfg_yaml: str, cfg: dict) -> str:
-    """A preset's own teacher (no shipped one), trained once per project and reused by later calls."""
+    """A preset's own teacher (no shipped one), trained once per (data, model, size, schedule) under
+    runs/teachers/ and reused by every later call and preset that asks for the same one."""
+    name = f"{Path(cfg['data']).stem}-{Path(cfg_yaml).stem}-{cfg['imgsz']}px-{cfg['teacher_epochs']}e"
+    folder = ROOT / "runs/teachers"
     settings = dict(
         cfg=cfg_yaml, data=cfg["data"], hyp=cfg["hyp"], optimizer=cfg["optimizer"], epochs=cfg["teacher_epochs"],
         imgsz=cfg["imgsz"], batch_size=cfg["batch"], device=cfg["device"], workers=cfg["workers"], seed=0,
-        project=str(project), name="teacher", exist_ok=True,
+        project=str(folder), name=name, exist_ok=True,
     )  # fmt: skip
-    _train_arm("teacher", 0, settings, cfg, project)
-    return str(project / "teacher/weights/best.pt")
+    if cfg.get("teacher_weights"):  # fine-tuned from a pretrained checkpoint (its architecture)
+        settings.update(cfg="", weights=str(Path(cfg["teacher_weights"]).resolve()))
+    best = folder / name / "weights/best.pt"
+    if not best.is_file():
+        LOGGER.info(f"Training the teacher first ({cfg_yaml}, {cfg['teacher_epochs']} epochs): {folder / name}")
+    _train_arm("teacher", 0, settings, cfg, folder)
+    return str(best)
 
 
 def _sha256(file) -> str:
@@ -400,7 +462,7 @@ def parse_opt() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=list(PRESETS), default="cpu", help="schedule and models")
     parser.add_argument("--teacher", default="", help="teacher checkpoint (default: the preset's)")
-    parser.add_argument("--project", default=str(ROOT / "runs/experiment"), help="save to this folder")
+    parser.add_argument("--project", default="", help="save to this folder (default: runs/experiment[-<preset>])")
     parser.add_argument("--epochs", type=int, default=None, help="student epochs (override the preset)")
     parser.add_argument("--teacher-epochs", type=int, default=None, help="epochs of a preset's own teacher (gpu)")
     parser.add_argument("--device", default=None, help="cpu, 0, 0,1 (override the preset)")

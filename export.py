@@ -38,10 +38,19 @@ ROOT = FILE.parents[0]
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))  # so `python path/to/export.py` finds models/ and utils/
 
-from utils.general import LOGGER, UserError, check_img_size, check_writable, colorstr, print_args  # noqa: E402
+from utils.general import (  # noqa: E402
+    LOGGER,
+    UserError,
+    check_img_size,
+    check_range,
+    check_writable,
+    colorstr,
+    print_args,
+)
 from utils.torch_utils import select_device  # noqa: E402
 
 FORMATS = {"torchscript": ".torchscript", "onnx": ".onnx", "openvino": "_openvino_model"}
+ONNX_OPSETS = (7, 20)  # what torch.onnx.export's TorchScript exporter writes (torch.onnx._constants)
 YOLOV5_ONLY_FORMATS = ("engine", "coreml", "saved_model", "pb", "tflite", "edgetpu", "tfjs", "paddle")
 
 
@@ -180,6 +189,10 @@ def run(
         raise UserError(f"--weights {weights}: give one checkpoint to export")
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size} must be at least 1")
+    if "onnx" in include:
+        check_range(
+            "--opset", opset, ONNX_OPSETS[0], ONNX_OPSETS[1], hint="ONNX opsets the exporter writes; 17 default"
+        )
     sizes = [imgsz] if isinstance(imgsz, int) else list(imgsz)
     if not sizes or min(sizes) < 1:
         raise UserError(f"--imgsz {' '.join(map(str, sizes))}: must be >= 1 pixel (rounded up to the model stride)")

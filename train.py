@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import math
 import random
+import shutil
 import sys
 import time
 from datetime import timedelta
@@ -61,9 +62,9 @@ from utils.general import (  # noqa: E402
     init_seeds,
     labels_to_class_weights,
     labels_to_image_weights,
+    load_hyp,
     one_cycle,
     print_args,
-    yaml_load,
     yaml_save,
 )
 from utils.loggers import TensorBoardLogger  # noqa: E402
@@ -75,12 +76,14 @@ from utils.results import append_results, results_row, truncate_results  # noqa:
 from utils.torch_utils import (  # noqa: E402
     EarlyStopping,
     ModelEMA,
+    clip_gradients,
     de_parallel,
     reuse_freed_memory,
     select_device,
     smart_DDP,
     smart_optimizer,
     smart_resume,
+    to_channels_last,
     torch_distributed_zero_first,
 )
 
@@ -95,21 +98,21 @@ def train(hyp: dict | str, opt: argparse.Namespace, device: torch.device) -> tup
     (wdir.parent if evolve else wdir).mkdir(parents=True, exist_ok=True)
     last, best = wdir / "last.pt", wdir / "best.pt"
 
-    if isinstance(hyp, str):
-        hyp = yaml_load(check_yaml(hyp, "--hyp"))
+    if isinstance(hyp, (str, Path)):
+        hyp = load_hyp(hyp)
     hyp = dict(hyp)  # local copy: the loss gains below are scaled per model
     LOGGER.info(colorstr("hyperparameters: ") + ", ".join(f"{k}={v}" for k, v in hyp.items()))
     opt.hyp = hyp.copy()
     if opt.ft_weights:  # each term's gain: its flag (--kd-weight, ...), else the hyp file's, else the table's default
         given = {name: getattr(opt, f"{name}_weight", None) for name in TERMS}
+        explicit = [name for name, w in given.items() if w is not None]  # the others may fall back (Distiller)
         for name, weight in term_weights(given, hyp).items():
             setattr(opt, f"{name}_weight", weight)
         if getattr(opt, "kd_temperature", None) is None:
             opt.kd_temperature = float(hyp.get("kd_temperature", 1.0))
-    if not evolve:
-        yaml_save(save_dir / "hyp.yaml", hyp)
-        yaml_save(save_dir / "opt.yaml", vars(opt))
-
+        if getattr(opt, "adapter_warmup", None) is None:  # the adapters warm up alone over the lr warmup
+            opt.adapter_warmup = float(hyp["warmup_epochs"])
+    hyp_to_save = dict(hyp)  # as read: the loss gains are scaled per model below
     plots = not evolve and not opt.noplots
     cuda = device.type == "cuda"
     init_seeds(opt.seed + 1 + RANK, deterministic=True)
@@ -138,7 +141,7 @@ def train(hyp: dict | str, opt: argparse.Namespace, device: torch.device) -> tup
             opt.imitation_region, opt.imitation_weight, opt.adapter_kernel, opt.channels_last,
             weights={name: getattr(opt, f"{name}_weight") for name in TERMS}, kd_temperature=opt.kd_temperature,
             imitation_reduce=opt.imitation_reduce, imitation_boxes=opt.imitation_boxes, anchor_t=hyp["anchor_t"],
-            precision=opt.distill_precision,
+            precision=opt.distill_precision, explicit=explicit, adapter_warmup=opt.adapter_warmup,
         )  # fmt: skip
         if ckpt is not None and resume and ckpt.get("distill"):
             distiller.load_state_dict(ckpt["distill"])
@@ -146,7 +149,7 @@ def train(hyp: dict | str, opt: argparse.Namespace, device: torch.device) -> tup
     gs = max(int(model.stride.max()), distiller.stride if distiller else 0, 32)  # a P6 teacher needs 64
     imgsz = check_img_size(opt.imgsz, gs, floor=gs * 2)
     if opt.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        model = to_channels_last(model)
 
     # Optimizer: YOLOv5's three groups, plus the adapters' weights (decayed) and biases (not decayed)
     nbs = 64  # nominal batch size
@@ -244,8 +247,12 @@ def train(hyp: dict | str, opt: argparse.Namespace, device: torch.device) -> tup
         LOGGER.info(f"{weights} holds no RNG states (YOLOv5 or an older version): the resumed run is not exact")
     compute_loss = ComputeLoss(model, hyp, distill_weights=distiller.loss_weights if distiller else None)
     loss_names = compute_loss.names
-    trainable = list(model.parameters()) + (distiller.parameters() if distiller else [])
+    # iterations in which imitation trains the adapters alone: by default the lr warmup's (same rule as nw)
+    adapter_warmup = max(round(distiller.adapter_warmup * nb), 100) if distiller and distiller.adapter_warmup else 0
     epoch = start_epoch - 1  # a run resumed after its last epoch's save only finishes (strip, validate)
+    if not evolve:  # only now, when nothing can refuse the run any more: a refused --resume leaves them as they were
+        yaml_save(save_dir / "hyp.yaml", hyp_to_save)
+        yaml_save(save_dir / "opt.yaml", vars(opt))
     LOGGER.info(
         f"Image sizes {imgsz} train, {imgsz} val\nUsing {train_loader.num_workers} dataloader workers\n"
         f"Logging results to {colorstr('bold', save_dir)}\nStarting training for {epochs} epochs..."
@@ -297,7 +304,11 @@ def train(hyp: dict | str, opt: argparse.Namespace, device: torch.device) -> tup
                     imgs = nn.functional.interpolate(imgs, size=ns, mode="bilinear", align_corners=False)
 
             with torch.autocast(device_type=device.type, enabled=amp):
-                pred, imitation = distiller(model, imgs, targets) if distiller else (model(imgs), {})
+                pred, imitation = (
+                    distiller(model, imgs, targets, adapters_only=ni < adapter_warmup)
+                    if distiller
+                    else (model(imgs), {})
+                )
                 loss, items = compute_loss(pred, targets, **imitation)
                 if RANK != -1:
                     loss *= WORLD_SIZE  # gradients are averaged across ranks
@@ -307,7 +318,7 @@ def train(hyp: dict | str, opt: argparse.Namespace, device: torch.device) -> tup
             scaler.scale(loss).backward()
             if ni - last_opt_step >= accumulate:
                 scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(trainable, max_norm=10.0)
+                clip_gradients([model.parameters()] + ([distiller.parameters()] if distiller else []), max_norm=10.0)
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad()
@@ -464,6 +475,11 @@ def parse_opt(known: bool = False, args: list[str] | None = None) -> argparse.Na
     )  # fmt: skip
     parser.add_argument("--adapter-kernel", type=int, default=3, help="adapter conv size: 3 (paper) or 1 (cheaper)")
     parser.add_argument(
+        "--adapter-warmup", type=float, default=None,
+        help="epochs in which the imitation term trains the adapters alone, before its gradient reaches the student "
+        "(default: hyp warmup_epochs; 0 = from the first step)",
+    )  # fmt: skip
+    parser.add_argument(
         "--distill-precision", choices=PRECISIONS, default="auto",
         help="CPU: teacher forward and adapter products in bf16 or fp32; auto (default): bf16 where the CPU has AMX "
         "matrix units, fp32 elsewhere. The student trains in fp32 either way; CUDA: fp16 teacher, adapters under AMP",
@@ -507,10 +523,15 @@ def main(opt: argparse.Namespace) -> tuple | None:
         backend = "nccl" if device.type == "cuda" and dist.is_nccl_available() else "gloo"
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=10800))
 
+    fresh = not opt.resume and not Path(opt.save_dir).exists()  # this call makes the run folder
     try:
         if not opt.evolve:
             return train(opt.hyp, opt, device)
         return evolve(opt, device, train)
+    except UserError:
+        if fresh and RANK in {-1, 0} and not any(Path(opt.save_dir).glob("**/*.pt")):
+            shutil.rmtree(opt.save_dir, ignore_errors=True)  # a refused run leaves the disk as it found it
+        raise
     finally:
         if WORLD_SIZE > 1 and dist.is_initialized() and RANK == 0:
             LOGGER.info("Destroying process group... ")

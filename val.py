@@ -27,6 +27,7 @@ from utils.general import (
     UserError,
     check_dataset,
     check_img_size,
+    check_range,
     check_writable,
     check_yaml,
     colorstr,
@@ -163,6 +164,9 @@ def run(
         for flag, value in (("--batch-size", batch_size), ("--imgsz", imgsz)):
             if value < 1:
                 raise UserError(f"{flag} {value}: must be >= 1")
+        check_range("--conf-thres", conf_thres, 0, 1)
+        check_range("--iou-thres", iou_thres, 0, 1)
+        check_range("--workers", workers, 0, hint="0 loads data in the main process")
         device = select_device(device, batch_size=batch_size)
         save_dir = increment_path(Path(project) / name, exist_ok=exist_ok)
         if dnn:

@@ -22,6 +22,7 @@ checkpoint); a finished checkpoint drops it (utils/checkpoint.strip_optimizer), 
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from pathlib import Path
 from typing import Callable, Union
 
@@ -35,10 +36,12 @@ from distill.sparse import default_max_share, gather_cells, masked_cells
 from distill.teacher import check_heads, load_teacher, match_layers, teacher_features, teacher_outputs
 from distill.terms import DEFAULT_REDUCTION, REDUCTIONS, TERMS, check_weight, level_weights
 from utils.general import LOGGER, UserError, check_file, colorstr
-from utils.torch_utils import cpu_has_bf16_matmul
+from utils.torch_utils import cpu_has_bf16_matmul, to_channels_last
 
 LayerSpec = Union[str, list[int], None]  # None: the default point, 'detect': Detect's inputs, or layer indices
-PRECISIONS = ("auto", "fp32", "bf16")  # --distill-precision: the teacher's and the adapters' on CPU
+PRECISIONS = ("auto", "fp32", "bf16")
+# --kd-temperature's range: below 0.1 the soft targets are hard 0/1 labels, above 20 every probability is ~0.5
+KD_TEMPERATURES = (0.1, 20.0)  # --distill-precision: the teacher's and the adapters' on CPU
 
 
 def parse_imitation_layers(value: LayerSpec | tuple) -> tuple[LayerSpec, LayerSpec]:
@@ -68,7 +71,10 @@ def _spec(text: str) -> LayerSpec:
         return None
     if text in ("detect", "neck"):
         return text
-    return [int(x) for x in text.split(",") if x]
+    layers = [int(x) for x in text.split(",") if x]
+    if not layers or len(set(layers)) != len(layers):  # ',' names nothing; '16,16' would train two equal adapters
+        raise ValueError(text)
+    return layers
 
 
 def format_layers(student: list[int], teacher: list[int]) -> str:
@@ -96,8 +102,9 @@ def check_settings(
         raise UserError(f"--imitation-weight {imitation_weight}: must be >= 0 and finite (0.01 in the paper)")
     for name, weight in (weights or {}).items():
         check_weight(name, weight)
-    if kd_temperature is not None and not (math.isfinite(kd_temperature) and kd_temperature > 0):
-        raise UserError(f"--kd-temperature {kd_temperature}: must be a finite number > 0 (1 = no softening)")
+    if kd_temperature is not None and not (KD_TEMPERATURES[0] <= kd_temperature <= KD_TEMPERATURES[1]):
+        low, high = KD_TEMPERATURES
+        raise UserError(f"--kd-temperature {kd_temperature}: must be in [{low:g}, {high:g}] (1 = no softening)")
     if imitation_reduce is not None and imitation_reduce not in REDUCTIONS:
         raise UserError(f"--imitation-reduce {imitation_reduce!r}: use one of {', '.join(REDUCTIONS)}")
     if imitation_boxes is not None and imitation_boxes not in BOXES:
@@ -166,8 +173,16 @@ class Distiller:
         imitation_boxes: str = "auto",
         anchor_t: float = 4.0,
         precision: str = "auto",
+        explicit: Collection[str] | None = None,
+        adapter_warmup: float = 0.0,
     ):
         weights = {name: float((weights or {}).get(name, 0.0)) for name in TERMS if name != "imitation"}
+        # terms the user asked for by flag: refused with one line where the teacher cannot serve them; the others
+        # (defaults, hyp file) are dropped with one line instead (None: every term counts as asked for)
+        self.explicit = set(TERMS) if explicit is None else set(explicit)
+        if not (math.isfinite(adapter_warmup) and adapter_warmup >= 0):
+            raise UserError(f"--adapter-warmup {adapter_warmup}: must be a finite number of epochs >= 0")
+        self.adapter_warmup = float(adapter_warmup)
         check_settings(
             iou_factor,
             imitation_region,
@@ -206,7 +221,13 @@ class Distiller:
         # the output terms compare the heads anchor by anchor; objectness and class also need the same anchor sizes
         self.same_anchors = "kd" in self.loss_weights
         if self.outputs:
-            check_heads(self.teacher, student, self.teacher_path, same_anchors=False)
+            try:
+                check_heads(self.teacher, student, self.teacher_path, same_anchors=False)
+            except UserError as e:
+                asked = [k for k in self.loss_weights if TERMS[k].outputs and k in self.explicit]
+                if asked:
+                    raise
+                self._drop([k for k in self.loss_weights if TERMS[k].outputs], str(e).split(": ", 1)[-1].split(";")[0])
         # the image grid both models need: a P6 teacher beside a P5 student needs multiples of 64
         self.stride = max(int(student.stride.max()), int(self.teacher.stride.max()), 32)
         s_channels = feature_channels(student, self.student_layers, 2 * self.stride)
@@ -217,8 +238,8 @@ class Distiller:
             s_channels if self.imitate else [], t_channels if self.imitate else [], self.adapter_kernel
         ).to(device)
         if channels_last:
-            self.teacher.to(memory_format=torch.channels_last)
-            self.adapters.to(memory_format=torch.channels_last)
+            to_channels_last(self.teacher)
+            to_channels_last(self.adapters)
         self.sparse_max_share = float(
             default_max_share(device, self.cpu_bf16) if sparse_max_share is None else sparse_max_share
         )
@@ -235,9 +256,26 @@ class Distiller:
                 text += f", {'matched' if self.matched else 'all'} boxes (--imitation-boxes {self.imitation_boxes})"
         if self.outputs:
             text += f"; output temperature {self.kd_temperature:g}"
+        if self.imitate and self.adapter_warmup:
+            text += f"; adapters warm up alone for {self.adapter_warmup:g} epochs (--adapter-warmup)"
         if self.cpu_bf16:
             text += "; teacher and adapters in bf16 (--distill-precision fp32: float32)"
         LOGGER.info(text)
+
+    def _drop(self, names: list[str], why: str) -> None:
+        """Switch off default-on terms this teacher cannot serve, with one line saying which and why."""
+        for name in names:
+            self.weights[name] = 0.0
+            self.loss_weights.pop(name, None)
+        self.loss_weights = self.loss_weights or {"imitation": self.imitation_weight}
+        self.imitate = "imitation" in self.loss_weights
+        self.outputs = any(TERMS[k].outputs for k in self.loss_weights)
+        self.same_anchors = "kd" in self.loss_weights
+        terms = ", ".join(f"{k} {w:g}" for k, w in self.loss_weights.items())
+        flags = " ".join(f"--{k.replace('_', '-')}-weight 0" for k in names)
+        LOGGER.info(
+            f"{colorstr('Distillation: ')}{', '.join(names)} off ({why}); terms on: {terms}. Silence this with {flags}"
+        )
 
     def check_student(self, student: nn.Module, adopt_anchors: bool = False) -> None:
         """The objectness/class term compares scores anchor by anchor, so the student needs the teacher's anchor
@@ -251,9 +289,17 @@ class Distiller:
         if adopt_anchors and not torch.equal(t.anchors.float().cpu(), s.anchors.float().cpu()):
             s.anchors[:] = t.anchors.to(s.anchors)
             LOGGER.info(f"{colorstr('Distillation: ')}the student takes the teacher's anchors (--kd-weight)")
-        check_heads(self.teacher, student, self.teacher_path, same_anchors=True)
+        try:
+            check_heads(self.teacher, student, self.teacher_path, same_anchors=True)
+        except UserError:
+            if "kd" in self.explicit:
+                raise
+            # box_kd decodes each model's boxes with its own anchors: it stays; scores per anchor are not comparable
+            self._drop(["kd"], "the pretrained student's anchors differ from the teacher's; box_kd compares boxes")
 
-    def __call__(self, student: nn.Module, imgs: torch.Tensor, targets: torch.Tensor) -> tuple[list, dict]:
+    def __call__(
+        self, student: nn.Module, imgs: torch.Tensor, targets: torch.Tensor, adapters_only: bool = False
+    ) -> tuple[list, dict]:
         """Student forward plus what the distillation terms read: (preds, inputs for ComputeLoss).
 
         imgs: [B, 3, H, W] in 0..1; targets: [n, 6] (image, class, x, y, w, h), xywh normalized. With imitation, the
@@ -264,6 +310,8 @@ class Distiller:
         term, 'teacher_preds' (the teacher's raw head outputs, [B, na, h, w, 5 + nc] per level, no grad, in the
         teacher's dtype), 'teacher_anchors' and 'temperature', and preds are tapped (distill/gradsink.py: the output
         terms add their gradients into theirs in place). ComputeLoss takes them as loss(preds, targets, **inputs).
+        adapters_only: the imitation term trains the adapters alone (the student's features are detached before
+        them): the adapter warm-up, so that a random adapter's gradient never reaches the student.
         """
         # Teacher first: its intermediate maps are freed before the student's forward keeps its own for backward,
         # which lowers peak memory (on CPU: 730 vs 753 ms a step and no page faults vs 6,400; benchmarks/RESULTS.md).
@@ -281,6 +329,8 @@ class Distiller:
             cells = masked_cells(masks, self.sparse_max_share)  # after both forwards are queued: the step's one sync
             # float32 after the gather: only the masked cells' copy, not the whole map (imitation_loss casts the rest)
             teacher = [t if c is None else gather_cells(t, c).float() for t, c in zip(teacher, cells)]
+            if adapters_only:
+                features = [f.detach() for f in features] if isinstance(features, list) else features.detach()
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.cpu_bf16):
                 adapted = self.adapters(features, cells)
             inputs.update(student=adapted, teacher=teacher, mask=masks, level_weights=self.level_weights)
@@ -335,6 +385,7 @@ class Distiller:
             "imitation_reduce": self.imitation_reduce,
             "imitation_boxes": self.imitation_boxes,
             "distill_precision": self.precision,
+            "adapter_warmup": self.adapter_warmup,
         }
 
     def state_dict(self) -> dict:
@@ -366,12 +417,16 @@ class Distiller:
             "imitation_reduce",
             "imitation_boxes",
             "distill_precision",
+            "adapter_warmup",
         )
         keys += tuple(f"{name}_weight" for name in TERMS)
         opts = {k: state[k] for k in keys if k in state}
         opts.setdefault("imitation_reduce", "sum")  # runs from before the choice summed their imitated layers
         opts.setdefault("imitation_boxes", "all")  # and masked every level with every box
         opts.setdefault("distill_precision", "fp32")  # and ran teacher and adapters in float32
+        opts.setdefault("adapter_warmup", 0.0)  # and trained the adapters with the student from the first step
+        for name, term in TERMS.items():  # and had only the terms they name (output terms were off by default)
+            opts.setdefault(f"{name}_weight", term.default if name == "imitation" else 0.0)
         opts["ft_weights"] = state["teacher"]
         if "teacher_layers" in state:  # both lists: exactly the pairs the run trained with
             opts["imitation_layers"] = format_layers(state["imitation_layers"], state["teacher_layers"])

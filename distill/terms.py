@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from distill.gradsink import hand_over, read_rows, sink_of
 from distill.loss import imitation_loss
@@ -218,17 +219,18 @@ def _bernoulli_kl(s: torch.Tensor, t: torch.Tensor, temperature: float) -> tuple
     """Elementwise KL(p || q) and q - p, p = sigmoid(t / T), q = sigmoid(s / T), of two float tensors.
 
     With s' = s / T, t' = t / T, a = sigmoid(-s') = 1 - q and b = sigmoid(-t') = 1 - p:
-    KL = log b - log a - (1 - b) * (s' - t') (= softplus(s') - softplus(t') - p * (s' - t'); log of a sigmoid is 4x
-    cheaper than softplus on CPU) and q - p = b - a. a is floored at the smallest normal float, so a logit above
-    ~87 T gives a finite loss value (its gradient q - p is exact)."""
+    KL = log b - log a - (1 - b) * (s' - t') and q - p = b - a. The logs come from logsigmoid, exact where a or b
+    underflow (a teacher logit above ~88 T in float32 made log b = -inf before), and both logits are first clamped to
+    +-1e4 (an fp16 head's inf): there the sigmoids are saturated, so q - p is unchanged. KL >= 0 in exact arithmetic;
+    rounding below 0 is clipped to 0."""
     if temperature != 1:
         s, t = s / temperature, t / temperature
-    a = torch.sigmoid(-s).clamp_(min=torch.finfo(s.dtype).tiny)  # 1 - q
-    b = torch.sigmoid(-t)  # 1 - p
-    kl = b.log()
-    kl -= a.log()
+    s, t = s.clamp(-1e4, 1e4), t.clamp(-1e4, 1e4)
+    log_a, log_b = F.logsigmoid(-s), F.logsigmoid(-t)
+    a, b = log_a.exp(), log_b.exp()
+    kl = log_b - log_a
     kl.addcmul_(b - 1, s - t)  # log b - log a - p * (s' - t'), in place
-    return kl, b.sub_(a)
+    return kl.clamp_(min=0), b.sub_(a)
 
 
 # The teacher's objectness below which an anchor's box is not distilled (box_kd_term); above it the anchor counts in
@@ -305,14 +307,14 @@ TERMS: dict[str, Term] = {
             "FGFI imitation loss gain (default: hyp 'imitation', 0.01 as in the paper)",
         ),
         Term(
-            "kd", kd_term, 0.0, True, "kd",
-            "objectness + class output distillation gain, objectness-scaled (default: hyp 'kd', 0 = off; start "
-            "from 1.0, see README)",
+            "kd", kd_term, 1.0, True, "kd",
+            "objectness + class output distillation gain, objectness-scaled (default: hyp 'kd', 1.0; on when the "
+            "teacher's head matches the student's, 0 = off)",
         ),
         Term(
-            "box_kd", box_kd_term, 0.0, True, "boxkd",
-            "box output distillation gain, where the teacher is confident (default: hyp 'box_kd', 0 = off; start "
-            "from 0.05, see README)",
+            "box_kd", box_kd_term, 0.05, True, "boxkd",
+            "box output distillation gain, where the teacher is confident (default: hyp 'box_kd', 0.05; on when the "
+            "teacher's head matches the student's, 0 = off)",
         ),
     )
 }  # fmt: skip

@@ -154,12 +154,12 @@ def test_train_py_moves_student_and_adapters_not_teacher(tmp_path, tiny_data, mo
         seen["optimizer"] = real_optimizer(model, *args, **kwargs)
         return seen["optimizer"]
 
-    def recording_call(self, student, imgs, targets):
+    def recording_call(self, student, imgs, targets, **kwargs):
         if "adapters_before" not in seen:  # the first step, before any optimizer step
             seen["distiller"] = self
             seen["adapters_before"] = {k: v.clone() for k, v in self.adapters.state_dict().items()}
         seen["modes"].append(self.teacher.training or any(m.training for m in self.teacher.modules()))
-        return real_call(self, student, imgs, targets)
+        return real_call(self, student, imgs, targets, **kwargs)
 
     monkeypatch.setattr(distill.distiller, "load_teacher", unfused_teacher)
     monkeypatch.setattr(train, "smart_optimizer", recording_optimizer)

@@ -268,3 +268,37 @@ def test_failed_dataset_download_is_one_line_and_leaves_nothing(server, dataset_
     assert f"unzip it into {(workdir / 'datasets').resolve()}" in message
     assert_nothing_left(workdir / "datasets")
     assert not (workdir / "evil.txt").exists() and not Path("/tmp/yolov5-fgfi-evil.txt").exists()
+
+
+def test_users_own_archive_is_unpacked_not_downloaded_and_kept(server, dataset_files, workdir):
+    """An archive put in the datasets folder by hand (offline) is used as it is and never deleted, even when the URL
+    would fail (404); before, the failed fetch deleted it."""
+    url = server.url("/data/tinyset.zip")  # not served: a 404 if fetched
+    own = workdir / "datasets" / "tinyset.zip"
+    own.parent.mkdir(parents=True)
+    own.write_bytes(archive := zip_bytes(dataset_files))
+    requests = len(server.requests)
+    data = check_dataset(data_yaml(workdir / "repo", url))
+    assert len(list(Path(data["val"]).iterdir())) == 8
+    assert own.read_bytes() == archive and len(server.requests) == requests  # nothing fetched
+
+
+def test_users_broken_archive_is_kept_with_one_line(server, workdir):
+    own = workdir / "datasets" / "tinyset.zip"
+    own.parent.mkdir(parents=True)
+    own.write_bytes(b"not a zip")
+    with pytest.raises(UserError, match=r"could not get tinyset.zip from .*tinyset.zip \(.*not a readable zip"):
+        check_dataset(data_yaml(workdir / "repo", server.url("/data/tinyset.zip")))
+    assert own.read_bytes() == b"not a zip"
+
+
+def test_archive_colliding_with_a_file_moves_nothing(server, dataset_files, workdir):
+    """An entry zzz/y.txt where the target has a file zzz: one line before anything is moved (before: a raw
+    NotADirectoryError after part of the merge)."""
+    root = workdir / "datasets" / "tinyset"
+    (root / "zzz").parent.mkdir(parents=True)
+    (root / "zzz").write_text("mine")
+    url = server.serve("/data/tinyset.zip", zip_bytes({**dataset_files, "tinyset/zzz/y.txt": b"x"}))
+    with pytest.raises(UserError, match=r"has a folder zzz where .*zzz is a file: move"):
+        check_dataset(data_yaml(workdir / "repo", url))
+    assert sorted(p.name for p in root.iterdir()) == ["zzz"] and (root / "zzz").read_text() == "mine"

@@ -75,9 +75,12 @@ def attempt_download(path: str | Path) -> Path:
 def download_dataset(urls: str | list[str], folder: str | Path) -> None:
     """Fetch one or more .zip URLs and unpack them all into folder, or nothing at all.
 
-    The archives go to folder (checked, atomic) and are deleted once unpacked. Every archive is unpacked into one
-    staging folder first and only moved into folder when all of them are good, so a failed download, a bad zip or
-    an entry that would escape folder (zip-slip, refused) leaves folder as it was. Raises UserError.
+    An archive already in folder under the URL's name (put there by hand, e.g. offline) is unpacked as it is, without
+    a download, and kept; one this call downloads goes to folder (checked, atomic) and is deleted once unpacked.
+    Every archive is unpacked into one staging folder first and only moved into folder when all of them are good and
+    none of their entries collides with a file of folder (a file where the archive has a folder, or the reverse), so
+    a failed download, a bad zip or an entry that would escape folder (zip-slip, refused) leaves folder as it was.
+    Raises UserError.
     """
     urls = [urls] if isinstance(urls, str) else list(urls)
     folder = Path(folder)
@@ -89,19 +92,43 @@ def download_dataset(urls: str | list[str], folder: str | Path) -> None:
             if not name.endswith(".zip"):
                 raise UserError(f"dataset download {url}: only .zip archives are unpacked here; {by_hand}")
             archive = folder / name
+            downloaded = not archive.is_file()
             try:
-                LOGGER.info(f"Downloading {url} to {folder} ...")
-                fetch(url, archive)
+                if downloaded:
+                    LOGGER.info(f"Downloading {url} to {folder} ...")
+                    fetch(url, archive)
+                else:
+                    LOGGER.info(f"Unpacking {archive}, already there (not downloaded again)")
                 unzip_into(archive, staging)
             except (DownloadError, OSError) as e:  # OSError: unpacking onto a full or read-only disk
-                raise UserError(f"could not get {name} from {url} ({_one_line(e)}); {by_hand}") from None
+                where = url if downloaded else archive
+                raise UserError(f"could not get {name} from {where} ({_one_line(e)}); {by_hand}") from None
             finally:
-                with contextlib.suppress(FileNotFoundError):
-                    archive.unlink()
-        for entry in staging.iterdir() if staging.is_dir() else ():
+                if downloaded:  # only what this call fetched: never the user's own archive
+                    with contextlib.suppress(FileNotFoundError):
+                        archive.unlink()
+        entries = list(staging.iterdir()) if staging.is_dir() else []
+        for entry in entries:
+            _check_merge(entry, folder / entry.name, by_hand)
+        for entry in entries:
             _merge(entry, folder / entry.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _check_merge(src: Path, dst: Path, by_hand: str) -> None:
+    """UserError before anything moves when _merge(src, dst) would meet a file where it needs a folder (or the
+    reverse)."""
+    if not dst.exists():
+        return
+    if src.is_dir() != dst.is_dir():
+        kinds = ("folder", "file") if src.is_dir() else ("file", "folder")
+        raise UserError(
+            f"dataset archive has a {kinds[0]} {dst.name} where {dst} is a {kinds[1]}: move {dst} away, or {by_hand}"
+        )
+    if src.is_dir():
+        for entry in src.iterdir():
+            _check_merge(entry, dst / entry.name, by_hand)
 
 
 def fetch(url: str, dest: str | Path, size: int | None = None, sha256: str | None = None) -> Path:

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from utils.general import LOGGER, check_yaml, colorstr, yaml_load
+from utils.general import LOGGER, colorstr, load_hyp
 from utils.metrics import fitness
 from utils.results import METRIC_KEYS
 
@@ -33,7 +33,7 @@ def evolve(opt: argparse.Namespace, device: torch.device, train: Callable) -> tu
     train: train.py's train function (passed in: this module is imported by train.py)."""
     import pandas as pd
 
-    hyp = yaml_load(check_yaml(opt.hyp, "--hyp"))
+    hyp = load_hyp(opt.hyp)
     keys = [k for k in EVOLVE_META if k in hyp]
     opt.noval, opt.nosave = True, True
     save_dir = Path(opt.save_dir)

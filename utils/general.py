@@ -45,6 +45,22 @@ class UserError(Exception):
     """A problem with the user's input (a file, a flag): entry points print the message alone, no traceback."""
 
 
+def check_range(flag: str, value, low=None, high=None, high_open: bool = False, hint: str = "") -> None:
+    """One UserError naming the flag when value is not a number in [low, high] ([low, high) with high_open; a None
+    bound is unbounded), e.g. check_range('--conf-thres', 2, 0, 1)."""
+    try:
+        number = float(value)
+        ok = number == number and (low is None or number >= low)  # NaN fails
+        ok = ok and (high is None or (number < high if high_open else number <= high))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        lo = "-inf" if low is None else f"{low:g}"
+        hi = "inf" if high is None else f"{high:g}"
+        where = f"[{lo}, {hi}{')' if high_open or high is None else ']'}"
+        raise UserError(f"{flag} {value}: must be in {where}{f' ({hint})' if hint else ''}")
+
+
 def colorstr(*parts: str) -> str:
     """Wrap a string in ANSI colours, e.g. colorstr('blue', 'bold', 'hello'); the default is blue bold."""
     *args, string = parts if len(parts) > 1 else ("blue", "bold", parts[0])
@@ -177,6 +193,11 @@ def check_dataset(data: str | Path | dict, autodownload: bool = True) -> dict:
             raise UserError(f"data YAML '{data.get('yaml_file', '')}' has no '{k}:' field: see data/coco128.yaml")
     if isinstance(data["names"], (list, tuple)):
         data["names"] = dict(enumerate(data["names"]))
+    if not isinstance(data["names"], dict):
+        raise UserError(
+            f"data YAML '{data.get('yaml_file', '')}': names: {data['names']!r} must list the class names "
+            "(a list, or a mapping 0: name, 1: name, ...); see data/coco128.yaml"
+        )
     data["nc"] = len(data["names"]) if "nc" not in data else int(data["nc"])
     if len(data["names"]) != data["nc"]:
         raise UserError(f"data YAML: {len(data['names'])} names but nc={data['nc']}; they must agree")
@@ -212,12 +233,62 @@ def check_dataset(data: str | Path | dict, autodownload: bool = True) -> dict:
             if os.system(s) != 0:
                 raise UserError(f"dataset download script failed: {s}")
         else:
-            LOGGER.info("Running the data YAML's download step ...")
-            exec(s, {"yaml": data})  # the YAML's own python step, as YOLOv5 data YAMLs define it
+            _run_download_script(s, data, missing)
         if not all(x.exists() for x in val):
             raise UserError(f"dataset not found after its download step: {missing}")
         LOGGER.info(f"Dataset ready in {time.time() - t:.1f}s: {colorstr('bold', path)}")
     return data
+
+
+def _run_download_script(script, data: dict, missing: str) -> None:
+    """A data YAML's Python `download:` step, as YOLOv5's YAMLs define it (run with `yaml` = the data dict). Anything
+    that is not one (an ftp:// URL, a number) or that fails is one UserError naming the YAML."""
+    where = f"data YAML '{data.get('yaml_file', '')}'"
+    fix = f"fetch the dataset by hand so that {missing} exists"
+    if not isinstance(script, str) or (script.strip().split(":", 1)[0].isalpha() and "://" in script.split()[0]):
+        raise UserError(
+            f"{where}: download: {script!r} is neither an http(s) .zip URL, a 'bash ...' command nor a Python "
+            f"script; {fix}"
+        )
+    try:
+        code = compile(script, "download", "exec")
+    except SyntaxError as e:
+        raise UserError(f"{where}: its download: step is not valid Python ({e.msg}, line {e.lineno}); {fix}") from None
+    LOGGER.info("Running the data YAML's download step ...")
+    try:
+        exec(code, {"yaml": data})  # the YAML's own python step, as YOLOv5 data YAMLs define it
+    except Exception as e:  # the user's own script: whatever it raises, one line
+        raise UserError(f"{where}: its download: step failed ({type(e).__name__}: {e}); {fix}") from None
+
+
+# The keys train.py reads from a hyp file (YOLOv5's), each a number; the distillation keys are optional
+HYP_KEYS = (
+    "lr0", "lrf", "momentum", "weight_decay", "warmup_epochs", "warmup_momentum", "warmup_bias_lr", "box", "cls",
+    "cls_pw", "obj", "obj_pw", "iou_t", "anchor_t", "fl_gamma", "hsv_h", "hsv_s", "hsv_v", "degrees", "translate",
+    "scale", "shear", "perspective", "flipud", "fliplr", "mosaic", "mixup", "copy_paste",
+)  # fmt: skip
+HYP_OPTIONAL_KEYS = ("imitation", "kd", "box_kd", "kd_temperature", "anchors", "label_smoothing")
+
+
+def load_hyp(file: str | Path) -> dict:
+    """A hyperparameter YAML (--hyp), checked: a mapping holding every HYP_KEYS entry as a number (and the optional
+    keys, where present, too). A malformed file, a missing key or a non-number is one UserError naming the file and
+    the key."""
+    file = check_yaml(file, "--hyp")
+    try:
+        hyp = yaml_load(file)
+    except yaml.YAMLError as e:
+        raise UserError(f"--hyp {file}: not valid YAML ({' '.join(str(e).split())[:160]})") from None
+    if not isinstance(hyp, dict):
+        raise UserError(f"--hyp {file}: expected a mapping of hyperparameters (see data/hyps/hyp.scratch-low.yaml)")
+    missing = [k for k in HYP_KEYS if k not in hyp]
+    if missing:
+        raise UserError(f"--hyp {file}: no '{missing[0]}:' key; copy it from data/hyps/hyp.scratch-low.yaml")
+    for k in (*HYP_KEYS, *HYP_OPTIONAL_KEYS):
+        v = hyp.get(k, 0.0)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
+            raise UserError(f"--hyp {file}: {k}: {v!r} is not a number")
+    return hyp
 
 
 def _resolve_root(path: Path) -> Path:

@@ -9,9 +9,11 @@ from pathlib import Path
 from distill import Distiller, check_settings, parse_imitation_layers
 from distill.terms import TERMS
 from utils.checkpoint import load_checkpoint, remove_stale_tmp
-from utils.general import LOGGER, ROOT, UserError, check_file, yaml_load
+from utils.general import LOGGER, ROOT, UserError, check_file, check_range, yaml_load
 
 RESUME_OVERRIDES = ("ft_weights", "device", "workers")  # flags a --resume may change; the rest are the run's
+CACHES = ("ram", "disk", "val")  # --cache: images in RAM, as .npy beside them, or the val set's alone (in RAM)
+MAX_ADAPTER_KERNEL = 7  # an adapter conv of 9x9 and up costs many times the step for nothing the paper uses
 
 
 def check_train_options(opt: argparse.Namespace) -> None:
@@ -23,6 +25,14 @@ def check_train_options(opt: argparse.Namespace) -> None:
         raise UserError(f"--batch-size {opt.batch_size}: must be >= 1{auto}")
     if opt.imgsz < 1:
         raise UserError(f"--imgsz {opt.imgsz}: must be >= 1 pixel (rounded up to a multiple of the model stride)")
+    check_range("--label-smoothing", opt.label_smoothing, 0, 1, high_open=True, hint="YOLOv5 uses 0.0 or 0.1")
+    check_range("--workers", opt.workers, 0, hint="0 loads data in the main process")
+    check_range("--seed", opt.seed, 0, 2**32 - 1)
+    if opt.evolve is not None:
+        check_range("--evolve", opt.evolve, 1, hint="the number of generations, e.g. 300")
+    if opt.cache is not None and opt.cache not in CACHES:
+        raise UserError(f"--cache {opt.cache}: use {', '.join(CACHES)} (or --cache alone: ram)")
+    check_range("--adapter-kernel", getattr(opt, "adapter_kernel", 3), 1, MAX_ADAPTER_KERNEL, hint="odd: 3 or 1")
     opt.imitation_region = getattr(opt, "imitation_region", "fgfi")  # opt.yaml of runs older than the flag
     opt.adapter_kernel = int(getattr(opt, "adapter_kernel", 3))
     opt.imitation_boxes = getattr(opt, "imitation_boxes", "all")  # opt.yaml of runs older than the flag

@@ -345,3 +345,21 @@ class ModelEMA:
 
     def update_attr(self, model: nn.Module, include: tuple = (), exclude: tuple = ("process_group", "reducer")) -> None:
         copy_attr(self.ema, model, include, exclude)
+
+
+def clip_gradients(groups: list, max_norm: float = 10.0) -> None:
+    """Clip each group of parameters' gradient norm at max_norm on its own (YOLOv5 clips the model's at 10): the
+    student and the distillation adapters are separate groups, so an adapter's large gradient (a random one's at the
+    start) never shrinks the student's step, which stays exactly YOLOv5's."""
+    for params in groups:
+        torch.nn.utils.clip_grad_norm_(list(params), max_norm=max_norm)
+
+
+def to_channels_last(module: nn.Module) -> nn.Module:
+    """Put every 4-D parameter and buffer (conv weights) of module in channels_last memory format, in place, and
+    return module. Module.to(memory_format=...) refuses a module with other tensors of rank > 1, such as Detect's
+    anchors [nl, na, 2]; those stay as they are."""
+    for tensor in [*module.parameters(), *module.buffers()]:
+        if tensor.dim() == 4:
+            tensor.data = tensor.data.contiguous(memory_format=torch.channels_last)
+    return module
