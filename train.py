@@ -32,8 +32,14 @@ if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))
 
 import val as validate  # noqa: E402
-from distill import BOXES, PRECISIONS, REGIONS, Distiller, parse_imitation_layers  # noqa: E402
-from distill.terms import DEFAULT_REDUCTION, REDUCTIONS, TERMS, term_weights  # noqa: E402
+from distill import BOXES, PRECISIONS, REGIONS  # noqa: E402
+from distill.options import (  # noqa: E402
+    build_distiller,
+    check_distill_options,
+    resolve_distill_options,
+    resume_distill_options,
+)
+from distill.terms import DEFAULT_REDUCTION, REDUCTIONS, TERMS  # noqa: E402
 from utils.autoanchor import check_anchors  # noqa: E402
 from utils.checkpoint import (  # noqa: E402
     attempt_load,
@@ -103,15 +109,7 @@ def train(hyp: dict | str, opt: argparse.Namespace, device: torch.device) -> tup
     hyp = dict(hyp)  # local copy: the loss gains below are scaled per model
     LOGGER.info(colorstr("hyperparameters: ") + ", ".join(f"{k}={v}" for k, v in hyp.items()))
     opt.hyp = hyp.copy()
-    if opt.ft_weights:  # each term's gain: its flag (--kd-weight, ...), else the hyp file's, else the table's default
-        given = {name: getattr(opt, f"{name}_weight", None) for name in TERMS}
-        explicit = [name for name, w in given.items() if w is not None]  # the others may fall back (Distiller)
-        for name, weight in term_weights(given, hyp).items():
-            setattr(opt, f"{name}_weight", weight)
-        if getattr(opt, "kd_temperature", None) is None:
-            opt.kd_temperature = float(hyp.get("kd_temperature", 1.0))
-        if getattr(opt, "adapter_warmup", None) is None:  # the adapters warm up alone over the lr warmup
-            opt.adapter_warmup = float(hyp["warmup_epochs"])
+    explicit = resolve_distill_options(opt, hyp) if opt.ft_weights else []  # flag, else hyp file, else default
     hyp_to_save = dict(hyp)  # as read: the loss gains are scaled per model below
     plots = not evolve and not opt.noplots
     cuda = device.type == "cuda"
@@ -136,13 +134,7 @@ def train(hyp: dict | str, opt: argparse.Namespace, device: torch.device) -> tup
     # Distillation: the frozen teacher, the adapters and the terms' settings, beside the plain student (distill/)
     distiller = None
     if opt.ft_weights:
-        distiller = Distiller(
-            model, opt.ft_weights, device, *parse_imitation_layers(opt.imitation_layers), opt.iou_factor,
-            opt.imitation_region, opt.imitation_weight, opt.adapter_kernel, opt.channels_last,
-            weights={name: getattr(opt, f"{name}_weight") for name in TERMS}, kd_temperature=opt.kd_temperature,
-            imitation_reduce=opt.imitation_reduce, imitation_boxes=opt.imitation_boxes, anchor_t=hyp["anchor_t"],
-            precision=opt.distill_precision, explicit=explicit, adapter_warmup=opt.adapter_warmup,
-        )  # fmt: skip
+        distiller = build_distiller(opt, model, device, hyp, explicit)
         if ckpt is not None and resume and ckpt.get("distill"):
             distiller.load_state_dict(ckpt["distill"])
         distiller.check_student(model, adopt_anchors=not (weights or resume))  # --kd-weight: the teacher's anchors
@@ -245,7 +237,7 @@ def train(hyp: dict | str, opt: argparse.Namespace, device: torch.device) -> tup
         stopper.best_fitness, stopper.best_epoch = state["stopper"]
     elif resume:
         LOGGER.info(f"{weights} holds no RNG states (YOLOv5 or an older version): the resumed run is not exact")
-    compute_loss = ComputeLoss(model, hyp, distill_weights=distiller.loss_weights if distiller else None)
+    compute_loss = ComputeLoss(model, hyp, terms=distiller.loss_terms if distiller else None)
     loss_names = compute_loss.names
     # iterations in which imitation trains the adapters alone: by default the lr warmup's (same rule as nw)
     adapter_warmup = max(round(distiller.adapter_warmup * nb), 100) if distiller and distiller.adapter_warmup else 0
@@ -493,7 +485,7 @@ def main(opt: argparse.Namespace) -> tuple | None:
         print_args(vars(opt), "train")
 
     if opt.resume and not opt.evolve:  # continue an interrupted run with its own options
-        opt = resume_options(opt, defaults=parse_opt(True, args=[]))
+        opt = resume_options(opt, defaults=parse_opt(True, args=[]), state_options=resume_distill_options)
     else:
         opt.data, opt.cfg, opt.hyp = (check_file(opt.data, "--data"), str(opt.cfg), check_yaml(opt.hyp, "--hyp"))
         if opt.cfg:
@@ -507,6 +499,7 @@ def main(opt: argparse.Namespace) -> tuple | None:
             opt.exist_ok, opt.resume = opt.resume, False
         opt.save_dir = str(increment_path(Path(opt.project) / opt.name, exist_ok=opt.exist_ok))
     check_train_options(opt)
+    check_distill_options(opt)
     check_writable(opt.save_dir, "--resume" if opt.resume and not opt.evolve else "--project")
 
     device = select_device(opt.device, batch_size=opt.batch_size)

@@ -177,8 +177,8 @@ def run(opt: argparse.Namespace) -> list[dict]:
     optimizer = torch.optim.SGD(params, lr=1e-3, momentum=0.9, nesterov=True)
     scaler = torch.amp.GradScaler("cuda", enabled=cuda)
     plain_loss = ComputeLoss(student, hyp)
-    distill_loss = ComputeLoss(student, hyp, distill_weights=distiller.loss_weights)
-    kd_loss = ComputeLoss(student, hyp, distill_weights=kd_distiller.loss_weights)
+    distill_loss = ComputeLoss(student, hyp, terms=distiller.loss_terms)
+    kd_loss = ComputeLoss(student, hyp, terms=kd_distiller.loss_terms)
     imgs = torch.rand(opt.batch_size, 3, opt.imgsz, opt.imgsz, generator=g).to(device)
     if opt.channels_last:
         imgs = imgs.contiguous(memory_format=torch.channels_last)

@@ -15,8 +15,6 @@ outputs:
               feature_channels: channel counts of a model's imitated layers.
 - sparse.py   the adapter run on the masked cells alone below SPARSE_MAX_SHARE of them (masked_cells, gather_cells,
               sparse_conv).
-- points.py   imitation_points / imitation_levels: the imitated layers and their Detect levels; forward_imitation,
-              the patched model forward that returns (preds, feature, mask).
 - teacher.py  load_teacher: the frozen, eval, outside-the-student teacher with compatibility checks;
               teacher_features / teacher_outputs: its features (and head outputs) without grad; match_layers:
               student/teacher layer pairs; check_heads: the heads output distillation can compare.
@@ -24,7 +22,10 @@ outputs:
               weights and settings, the loss inputs, state_dict for --resume); parse_imitation_layers / check_settings
               for the flags.
 
-Training adds sum(weight * term) over the terms switched on to the detection loss (utils/loss.py ComputeLoss).
+Training adds sum(weight * term) over the terms switched on to the detection loss (utils/loss.py ComputeLoss, which
+receives them from the Distiller: Distiller.loss_terms). distill/ uses the model through its public methods only
+(DetectionModel.forward_intermediates, imitation_points, imitation_levels, and forward(x, target=...), which
+returns (preds, feature, mask) with the mask from distill/mask.py).
 """
 
 from distill.distiller import PRECISIONS, Distiller, check_settings, parse_imitation_layers

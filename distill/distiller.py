@@ -8,7 +8,7 @@ temperature, ...). A training loop uses it as
     distiller = Distiller(student, "teacher.pt", device, imitation_layers=[17, 20, 23], weights={"kd": 1.0})
     optimizer.param_groups += distiller.param_groups(weight_decay)       # (add_param_group, one by one)
     preds, inputs = distiller(student, imgs, targets)                     # student forward + what the terms read
-    loss, items = ComputeLoss(student, hyp, distill_weights=distiller.loss_weights)(preds, targets, **inputs)
+    loss, items = ComputeLoss(student, hyp, terms=distiller.loss_terms)(preds, targets, **inputs)
     ckpt["distill"] = distiller.state_dict()                              # while training: --resume needs it
 
 A term is on when its weight is > 0 (with every weight 0, FGFI imitation stays on at weight 0: a control run).
@@ -343,6 +343,11 @@ class Distiller:
                 temperature=self.kd_temperature,
             )  # fmt: skip
         return preds, inputs
+
+    @property
+    def loss_terms(self) -> dict[str, tuple[float, Callable[..., torch.Tensor]]]:
+        """The terms switched on, for ComputeLoss(terms=...): {name: (weight, loss function)}, in the table's order."""
+        return {name: (self.loss_weights[name], TERMS[name].loss) for name in TERMS if name in self.loss_weights}
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """Optimizer groups for the adapters, as YOLOv5 groups the student's: weights decayed, biases not and warmed

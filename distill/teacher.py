@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from utils.checkpoint import attempt_load
 from utils.general import LOGGER, UserError
 
 
@@ -53,8 +54,6 @@ def load_teacher(
     Raises:
         UserError: the imitated layers' strides differ between teacher and student, or their counts differ.
     """
-    from utils.checkpoint import attempt_load  # here, not at import: models.yolo imports distill.mask
-
     device = torch.device(device)
     student = getattr(student, "module", student)  # DDP -> the model
     teacher = attempt_load(weights, device=device, inplace=True, fuse=False)  # fused after the checks pass
@@ -170,10 +169,10 @@ def teacher_outputs(
     with torch.no_grad(), torch.autocast(device_type=param.device.type, enabled=param.device.type == "cuda"):
         head.training = True  # only the head: raw outputs; the rest stays in eval mode (BN statistics frozen)
         try:
-            preds, features = teacher._run(imgs.to(param.device, param.dtype), keep=set(layers))
+            preds, features = teacher.forward_intermediates(imgs.to(param.device, param.dtype), list(layers))
         finally:
             head.training = False
-    return [features[i] for i in layers], preds
+    return features, preds
 
 
 def check_heads(teacher: nn.Module, student: nn.Module, weights: str | Path = "teacher", same_anchors: bool = True):

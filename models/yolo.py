@@ -205,22 +205,87 @@ class DetectionModel(nn.Module):
                 break
         return x, kept
 
-    def _forward_imitation(self, x, target, imitation_layers, iou_factor, region="fgfi", anchor_t=None):
-        from distill.points import forward_imitation  # distill/ builds on the model, not the other way round
+    def forward_intermediates(
+        self, x: torch.Tensor, layers: list[int], stop_early: bool = False
+    ) -> tuple[list[torch.Tensor] | None, list[torch.Tensor]]:
+        """Run x [B, C, H, W] and hand out the outputs of `layers` (indices as the model YAML numbers them).
 
-        return forward_imitation(self, x, target, imitation_layers, iou_factor, region, anchor_t)
+        Returns (preds, features): preds as forward(x) gives them for the current mode, or None with stop_early (the
+        layers after max(layers) are skipped: a cheap pass for a teacher's features); features [B, C_i, h_i, w_i]
+        in the order of `layers`. The one way callers outside the model read its intermediate maps.
+        """
+        layers = [int(i) for i in layers]
+        preds, kept = self._run(x, keep=set(layers), stop=max(layers) if stop_early and layers else None)
+        return (None if stop_early else preds), [kept[i] for i in layers]
+
+    def _forward_imitation(self, x, target, imitation_layers, iou_factor, region="fgfi", anchor_t=None):
+        """forward(x, target=...): (preds, feature, mask), see forward. The mask comes from distill.mask, the only
+        part of distill/ the model uses (imported here, not at the top: distill/ is built on this module)."""
+        from distill.mask import imitation_mask, matched_boxes
+
+        points = self.imitation_points(imitation_layers)
+        levels = self.imitation_levels(points)
+        preds, features = self.forward_intermediates(x, points)
+        anchors = self.model[-1].anchors
+        masks = []
+        for f, level in zip(features, levels):
+            boxes = target if anchor_t is None else matched_boxes(target, anchors[level], f.shape[2:], anchor_t)
+            mask = imitation_mask(boxes, anchors[level], (f.shape[0], f.shape[2], f.shape[3]), iou_factor, region)
+            masks.append(mask.to(f.device).unsqueeze(1))
+        if imitation_layers is None or isinstance(imitation_layers, int):
+            return preds, features[0], masks[0]
+        return preds, features, masks
 
     def imitation_points(self, imitation_layers: int | list[int] | str | None = None) -> list[int]:
-        """Layer indices of imitation_layers (None: the default FGFI point, 'detect', indices): distill.points."""
-        from distill.points import imitation_points
+        """Layer indices of imitation_layers.
 
-        return imitation_points(self, imitation_layers)
+        None: the default FGFI point, the input of the layer that feeds Detect's first (highest resolution) input:
+        layer 16 (the stride-8 Concat) in yolov5s.yaml, layer 22 in the P6 models. 'neck': the same point at every
+        Detect level (16, 19, 22 in yolov5s.yaml: the Concats before each level's C3). 'detect': Detect's inputs
+        (17, 20, 23). An int or a list of ints: those layers.
+        """
+        detect_i = len(self.model) - 1
+        detect_from = [j % detect_i if j < 0 else j for j in _as_list(self.model[-1].f)]  # -1 -> detect_i - 1
+        if imitation_layers is None:
+            return [self._input_of(detect_from[0])]
+        if isinstance(imitation_layers, str):
+            kind = imitation_layers.strip().lower()
+            if kind == "neck":
+                return [self._input_of(j) for j in detect_from]
+            if kind != "detect":
+                raise UserError(
+                    f"--imitation-layers '{imitation_layers}' is not valid: use 'detect', 'neck' or layer indices"
+                )
+            return detect_from
+        layers = _as_list(imitation_layers)
+        for i in layers:
+            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < detect_i:
+                raise UserError(f"imitation layer {i!r} is not valid: use layer indices 0..{detect_i - 1}")
+        if not layers:
+            raise UserError("--imitation-layers is empty: give at least one layer index, or 'detect'")
+        return layers
 
     def imitation_levels(self, points: list[int]) -> list[int]:
-        """For each layer index, the Detect level with the same stride: distill.points.imitation_levels."""
-        from distill.points import imitation_levels
+        """For each layer index, the Detect level with the same stride (whose anchors make its mask)."""
+        strides = self.get_layer_strides()
+        detect_strides = [float(s) for s in self.model[-1].stride]
+        levels = []
+        for i in points:
+            hits = [k for k, s in enumerate(detect_strides) if strides[i] is not None and abs(s - strides[i]) < 1e-6]
+            if not hits:
+                raise UserError(
+                    f"imitation layer {i} has stride {strides[i]}, but the Detect levels have strides "
+                    f"{[_as_number(s) for s in detect_strides]}: pick layers at one of those strides"
+                )
+            levels.append(hits[0])
+        return levels
 
-        return imitation_levels(self, points)
+    def _input_of(self, feeder: int) -> int:
+        """The layer whose output feeds layer `feeder` (its single input), or feeder itself when it merges several."""
+        src = self.model[feeder].f
+        if not isinstance(src, int):
+            return feeder
+        return src % feeder if src < 0 else src
 
     def get_layer_strides(self) -> list:
         """Per-layer output strides (None for Detect); measured once with a dummy forward if not recorded at build."""
@@ -244,9 +309,7 @@ class DetectionModel(nn.Module):
 
     def extract_features(self, x: torch.Tensor, layers: list[int]) -> list[torch.Tensor]:
         """Outputs [B, C, h, w] of the given layers, running the model only up to max(layers) (cheap teacher pass)."""
-        layers = self.imitation_points(list(layers))
-        _, feats = self._run(x, keep=set(layers), stop=max(layers))
-        return [feats[i] for i in layers]
+        return self.forward_intermediates(x, self.imitation_points(list(layers)), stop_early=True)[1]
 
     def _forward_augment(self, x):
         """Test-time augmentation: scales (1, 0.83, 0.67) with flips (none, left-right, none), merged."""
@@ -340,6 +403,10 @@ class DetectionModel(nn.Module):
 
 
 Model = DetectionModel  # YOLOv5 <= v6.1 checkpoints pickle the model under this name
+
+
+def _as_list(x) -> list:
+    return list(x) if isinstance(x, (list, tuple)) else [x]
 
 
 def _as_number(x: float) -> int | float:

@@ -9,6 +9,7 @@ import torch
 from distill import Distiller, FeatureAdapters, feature_channels, imitation_loss, imitation_mask, teacher_features
 from distill.loss import Adapter
 from distill.sparse import SPARSE_MAX_SHARE, gather_cells, masked_cells
+from distill.terms import imitation_term
 from models.yolo import DetectionModel
 from utils.general import yaml_load
 from utils.loss import ComputeLoss
@@ -31,7 +32,7 @@ def test_amp_distillation_step_on_cuda():
     layers = student.imitation_points()
     adapters = FeatureAdapters(feature_channels(student, layers), feature_channels(teacher, layers)).to(device)
     hyp = yaml_load(ROOT_HYP)
-    compute_loss = ComputeLoss(student, hyp, imitation_weight=0.01)
+    compute_loss = ComputeLoss(student, hyp, terms={"imitation": (0.01, imitation_term)})
     optimizer = torch.optim.SGD(list(student.parameters()) + list(adapters.parameters()), lr=0.01)
     scaler = torch.amp.GradScaler("cuda")
     imgs = torch.rand(4, 3, 128, 160, device=device)
@@ -103,7 +104,7 @@ def test_distiller_amp_step_on_cuda_dense_by_default(teacher_pt):
     assert any(
         p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last) for p in distiller.teacher.parameters()
     )
-    compute_loss = ComputeLoss(student, yaml_load(ROOT_HYP), imitation_weight=distiller.imitation_weight)
+    compute_loss = ComputeLoss(student, yaml_load(ROOT_HYP), terms=distiller.loss_terms)
     imgs = torch.rand(4, 3, 128, 160, device=device).contiguous(memory_format=torch.channels_last)
     targets = _targets(device)
     items_by_path = []

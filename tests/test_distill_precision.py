@@ -109,7 +109,7 @@ def test_bf16_step_is_close_to_the_float32_step(teacher_pt):
             student, teacher_pt, "cpu", weights={"kd": 1.0, "box_kd": 0.05}, precision=precision,
             sparse_max_share=max_share,
         )  # fmt: skip
-        compute_loss = ComputeLoss(student, yaml_load(HYP), distill_weights=d.loss_weights)
+        compute_loss = ComputeLoss(student, yaml_load(HYP), terms=d.loss_terms)
         preds, inputs = d(student, imgs, targets)
         if max_share is None:
             assert inputs["student"][0].dim() == 2  # the sparse path

@@ -84,8 +84,8 @@ def test_p6_teacher_p5_student_any_multiple_of_32(tmp_path, tiny_data, teachers,
     steps = []
     real_call = Distiller.__call__
 
-    def recording_call(self, student, imgs, targets):
-        preds, inputs = real_call(self, student, imgs, targets)
+    def recording_call(self, student, imgs, targets, **kwargs):
+        preds, inputs = real_call(self, student, imgs, targets, **kwargs)
         steps.append((self, tuple(imgs.shape), inputs))
         return preds, inputs
 
@@ -186,6 +186,7 @@ def test_resume_options_override_and_keep_one_source(tmp_path, teachers):
     """Item 3: --ft_weights/--device/--workers override the run's opt.yaml; the imitation settings come from the
     checkpoint's distill state."""
     from distill import Distiller
+    from distill.options import resume_distill_options
     from utils.options import resume_options
 
     student = DetectionModel("yolov5n.yaml", nc=8)
@@ -202,14 +203,14 @@ def test_resume_options_override_and_keep_one_source(tmp_path, teachers):
     (tmp_path / "exp/opt.yaml").write_text(yaml.safe_dump(opt))
     defaults = train.parse_opt(True, args=[])
     given = train.parse_opt(True, args=["--resume", str(last)])
-    resumed = resume_options(given, defaults)
+    resumed = resume_options(given, defaults, state_options=resume_distill_options)
     assert resumed.ft_weights == str(teachers["wide"].resolve()) and resumed.iou_factor == 0.3
     assert resumed.imitation_region == "gtbox" and resumed.workers == 3 and resumed.imitation_boxes == "matched"
     state = {k: v for k, v in distiller.state_dict().items() if k != "imitation_boxes"}  # a run from before the flag
     assert Distiller.options_from_state(state)["imitation_boxes"] == "all"  # masked every level with every box
     given = train.parse_opt(True, args=["--resume", str(last), "--workers", "0", "--device", "cpu"])
     given.ft_weights = str(teachers["narrow"])
-    resumed = resume_options(given, defaults)
+    resumed = resume_options(given, defaults, state_options=resume_distill_options)
     assert (resumed.workers, resumed.device, resumed.ft_weights) == (0, "cpu", str(teachers["narrow"].resolve()))
 
 

@@ -21,6 +21,7 @@ from distill.sparse import (
     masked_cells,
     neighbourhoods,
 )
+from distill.terms import imitation_term
 from models.yolo import DetectionModel
 from utils.general import yaml_load
 from utils.loss import ComputeLoss
@@ -227,7 +228,9 @@ def test_distiller_sparse_by_default_with_the_dense_losses_and_gradients(teacher
     student = DetectionModel("yolov5n.yaml", nc=8).train()
     distiller = Distiller(student, teacher_pt, "cpu", layers, precision="fp32")
     assert distiller.sparse_max_share == SPARSE_MAX_SHARE
-    compute_loss = ComputeLoss(student, yaml_load("data/hyps/hyp.scratch-low.yaml"), imitation_weight=0.01)
+    compute_loss = ComputeLoss(
+        student, yaml_load("data/hyps/hyp.scratch-low.yaml"), terms={"imitation": (0.01, imitation_term)}
+    )
     imgs = torch.rand(2, 3, 128, 96)  # non-square
     targets = torch.tensor(
         [[0, 1, 0.30, 0.40, 0.20, 0.30], [0, 2, 0.70, 0.25, 0.10, 0.10], [1, 0, 0.55, 0.60, 0.25, 0.35]]

@@ -295,7 +295,7 @@ def test_distiller_with_output_terms_reaches_the_head_not_the_teacher(teacher_pt
     assert distiller.outputs and distiller.loss_weights == {"imitation": 0.01, "kd": 1.0, "box_kd": 0.05}
     for p in distiller.teacher.parameters():
         p.requires_grad_(True)  # even a teacher whose parameters could take gradients gets none
-    compute_loss = ComputeLoss(student, yaml_load(HYP), distill_weights=distiller.loss_weights)
+    compute_loss = ComputeLoss(student, yaml_load(HYP), terms=distiller.loss_terms)
     assert compute_loss.names == ("box", "obj", "cls", "imitation", "kd", "box_kd")
     imgs, targets = fixed_batch()
     preds, inputs = distiller(student, imgs, targets)
@@ -347,7 +347,7 @@ def test_output_terms_at_weight_zero_give_todays_fgfi_losses(teacher_pt):
         student = DetectionModel("yolov5n.yaml", nc=8).train()
         distiller = Distiller(student, teacher_pt, "cpu", weights=weights, sparse_max_share=0.0, precision="fp32")
         assert not distiller.outputs and distiller.loss_weights == {"imitation": 0.01}
-        compute_loss = ComputeLoss(student, yaml_load(HYP), distill_weights=distiller.loss_weights)
+        compute_loss = ComputeLoss(student, yaml_load(HYP), terms=distiller.loss_terms)
         preds, inputs = distiller(student, imgs, targets)
         items.append(compute_loss(preds, targets, **inputs)[1])
         # by hand: the plain YOLOv5 loss and the paper's imitation term

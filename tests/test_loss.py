@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from distill.terms import imitation_term
 from utils.loss import ComputeLoss, FocalLoss, QFocalLoss, smooth_BCE
 
 HYP = {"box": 0.05, "obj": 1.0, "cls": 0.5, "cls_pw": 1.5, "obj_pw": 0.7, "anchor_t": 4.0, "fl_gamma": 0.0}
@@ -283,7 +284,7 @@ def features(seed, shape=(2, 4, 4, 4)):
 def test_imitation_term_is_added_with_its_weight():
     p, targets = preds([(4, 4)], 2), separated_targets()
     base = ComputeLoss(FakeModel(), HYP)
-    distil = ComputeLoss(FakeModel(), HYP, imitation_weight=0.01)
+    distil = ComputeLoss(FakeModel(), HYP, terms={"imitation": (0.01, imitation_term)})
     assert base.names == ("box", "obj", "cls") and distil.names == ("box", "obj", "cls", "imitation")
     s, t, m = features(4)
     loss0, items0 = base(p, targets, teacher=t, student=s, mask=m)  # no weight: features ignored
@@ -302,7 +303,7 @@ def test_imitation_term_is_added_with_its_weight():
 
 
 def test_imitation_points_are_summed():
-    distil = ComputeLoss(FakeModel(), HYP, imitation_weight=0.5)
+    distil = ComputeLoss(FakeModel(), HYP, terms={"imitation": (0.5, imitation_term)})
     p, targets = preds([(4, 4)], 2), separated_targets()
     (s1, t1, m1), (s2, t2, m2) = features(5), features(6, (2, 3, 2, 2))
     _, items = distil(p, targets, teacher=[t1, t2], student=[s1, s2], mask=[m1, m2])

@@ -28,7 +28,7 @@ from urllib.request import Request, urlopen
 
 from tqdm import tqdm
 
-from utils.general import LOGGER, RANK, UserError
+from utils.basics import LOGGER, RANK, UserError
 
 RELEASE_URL = "https://github.com/ultralytics/yolov5/releases/download/v7.0"
 RELEASE_URL_ENV = "YOLOV5_RELEASE_URL"

@@ -7,12 +7,10 @@ width, height); an ``n`` suffix means normalized to the image size.
 from __future__ import annotations
 
 import glob
-import logging
 import math
 import os
 import random
 import re
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -22,27 +20,16 @@ import torch
 import torchvision
 import yaml
 
+from utils.basics import LOCAL_RANK, LOGGER, RANK, WORLD_SIZE, UserError  # noqa: F401 (re-exported)
+from utils.downloads import attempt_download, download_dataset
+
 FILE = Path(__file__).resolve()
 ROOT = FILE.parents[1]  # repository root
 DATASETS_DIR = Path(os.getenv("YOLOV5_DATASETS_DIR", ROOT / "datasets"))
-RANK = int(os.getenv("RANK", -1))
-LOCAL_RANK = int(os.getenv("LOCAL_RANK", -1))
-WORLD_SIZE = int(os.getenv("WORLD_SIZE", 1))
 NUM_THREADS = min(8, max(1, os.cpu_count() - 1))
 IMG_FORMATS = "bmp", "dng", "jpeg", "jpg", "mpo", "png", "tif", "tiff", "webp", "pfm"
 VID_FORMATS = "asf", "avi", "gif", "m4v", "mkv", "mov", "mp4", "mpeg", "mpg", "ts", "wmv"
 
-LOGGER = logging.getLogger("yolov5")
-if not LOGGER.handlers:  # one handler, whatever imports us first; no change to the root logger
-    _handler = logging.StreamHandler(sys.stdout)
-    _handler.setFormatter(logging.Formatter("%(message)s"))
-    LOGGER.addHandler(_handler)
-    LOGGER.setLevel(logging.INFO if RANK in {-1, 0} else logging.WARNING)
-    LOGGER.propagate = False
-
-
-class UserError(Exception):
-    """A problem with the user's input (a file, a flag): entry points print the message alone, no traceback."""
 
 
 def check_range(flag: str, value, low=None, high=None, high_open: bool = False, hint: str = "") -> None:
@@ -150,8 +137,6 @@ def check_file(file: str | Path, what: str = "file") -> str:
         hits = glob.glob(str(ROOT / folder / "**" / Path(file).name), recursive=True)
         if hits:
             return hits[0]
-    from utils.downloads import attempt_download  # here: utils.downloads imports this module
-
     if attempt_download(file).is_file():  # a missing official YOLOv5 weights name: fetched from the release
         return file
     raise UserError(f"{what} '{file}' not found: check the path")
@@ -225,8 +210,6 @@ def check_dataset(data: str | Path | dict, autodownload: bool = True) -> dict:
         t = time.time()
         urls = [s] if isinstance(s, str) else s
         if isinstance(urls, list) and urls and all(str(u).startswith(("http://", "https://")) for u in urls):
-            from utils.downloads import download_dataset
-
             download_dataset(urls, path.parent)  # as YOLOv5: path ../datasets/coco128 -> unzipped in ../datasets
         elif isinstance(s, str) and s.startswith("bash "):
             LOGGER.info(f"Running {s} ...")

@@ -1,16 +1,18 @@
 """YOLOv5 training loss: box (CIoU), objectness and class BCE, plus the distillation terms a run switches on.
 
 The terms come back as a named dict so that logs, progress bars and results.csv columns follow its keys
-(`ComputeLoss.names`); the distillation terms (FGFI imitation, output distillation, ...) come from the table in
-distill/terms.py, so adding one changes no hard-coded list anywhere else.
+(`ComputeLoss.names`); the distillation terms (FGFI imitation, output distillation, ...) are handed in by the caller
+as {name: (weight, loss function)} (distill.Distiller.loss_terms, from the table in distill/terms.py), so this file
+knows none of them and adding one changes no list here.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn as nn
 
-from distill.terms import TERMS
 from utils.metrics import bbox_iou
 from utils.torch_utils import de_parallel
 
@@ -67,9 +69,9 @@ class ComputeLoss:
         hyp: hyperparameters: box, obj, cls (gains), cls_pw, obj_pw (BCE positive weights), anchor_t (max
             target/anchor side ratio), fl_gamma (focal loss when > 0), label_smoothing (optional).
         autobalance: adapt the per-level objectness weights during training (YOLOv5's option, off by default).
-        imitation_weight: weight of the FGFI imitation term; None leaves the term out of the loss and its items.
-        distill_weights: {term name: weight} of the distillation terms to add (distill.terms.TERMS; imitation_weight
-            is the same as {"imitation": imitation_weight}); a term not named is out of the loss and its items.
+        terms: the distillation terms to add, {name: (weight, loss)} in logging order, loss(**inputs) -> 0-dim
+            (e.g. {"imitation": (0.01, distill.terms.imitation_term)}: FGFI; Distiller.loss_terms gives a run's);
+            each adds weight * loss to the total and is its own item.
     """
 
     sort_obj_iou = False  # YOLOv5 default: no sorting, so overlapping targets in a cell write in target order
@@ -79,8 +81,7 @@ class ComputeLoss:
         model: nn.Module,
         hyp: dict,
         autobalance: bool = False,
-        imitation_weight: float | None = None,
-        distill_weights: dict[str, float] | None = None,
+        terms: dict[str, tuple[float, Callable[..., torch.Tensor]]] | None = None,
     ):
         device = next(model.parameters()).device
         h = hyp
@@ -99,24 +100,17 @@ class ComputeLoss:
         self.na, self.nc, self.nl = m.na, m.nc, m.nl
         self.anchors = m.anchors  # [nl, na, 2] grid cells; shared with Detect, so AutoAnchor updates reach us
         self.device = device
-        weights = dict(distill_weights or {})
-        if imitation_weight is not None:
-            weights["imitation"] = imitation_weight
-        unknown = set(weights) - set(TERMS)
-        if unknown:
-            raise ValueError(f"ComputeLoss: unknown distillation terms {sorted(unknown)}; known: {list(TERMS)}")
-        self.distill_weights = {k: float(weights[k]) for k in TERMS if k in weights}  # in the table's order
+        self.terms = {name: (float(weight), loss) for name, (weight, loss) in (terms or {}).items()}
+        clash = set(self.terms) & set(self.detection_names)
+        if clash:
+            raise ValueError(f"ComputeLoss: distillation terms may not be named {sorted(clash)}")
 
     detection_names = ("box", "obj", "cls")
 
     @property
-    def imitation_weight(self) -> float | None:
-        return self.distill_weights.get("imitation")
-
-    @property
     def names(self) -> tuple[str, ...]:
         """Keys of the loss items, in logging order: YOLOv5's three, then the distillation terms switched on."""
-        return self.detection_names + tuple(self.distill_weights)
+        return self.detection_names + tuple(self.terms)
 
     def __call__(
         self,
@@ -176,10 +170,10 @@ class ComputeLoss:
         if self.autobalance:
             self.balance = [x / self.balance[self.ssi] for x in self.balance]
         items = {"box": lbox * self.hyp["box"], "obj": lobj * self.hyp["obj"], "cls": lcls * self.hyp["cls"]}
-        if self.distill_weights:
+        if self.terms:
             inputs = dict(preds=p, anchors=self.anchors, balance=self.balance, **distill)
-            for name, weight in self.distill_weights.items():
-                items[name] = weight * TERMS[name].loss(**inputs).to(self.device)
+            for name, (weight, loss) in self.terms.items():
+                items[name] = weight * loss(**inputs).to(self.device)
         bs = p[0].shape[0]
         return sum(items.values()) * bs, {k: v.detach() for k, v in items.items()}
 

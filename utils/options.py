@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 from pathlib import Path
 
-from distill import Distiller, check_settings, parse_imitation_layers
-from distill.terms import TERMS
 from utils.checkpoint import load_checkpoint, remove_stale_tmp
 from utils.general import LOGGER, ROOT, UserError, check_file, check_range, yaml_load
 
 RESUME_OVERRIDES = ("ft_weights", "device", "workers")  # flags a --resume may change; the rest are the run's
 CACHES = ("ram", "disk", "val")  # --cache: images in RAM, as .npy beside them, or the val set's alone (in RAM)
-MAX_ADAPTER_KERNEL = 7  # an adapter conv of 9x9 and up costs many times the step for nothing the paper uses
 
 
 def check_train_options(opt: argparse.Namespace) -> None:
@@ -32,38 +30,17 @@ def check_train_options(opt: argparse.Namespace) -> None:
         check_range("--evolve", opt.evolve, 1, hint="the number of generations, e.g. 300")
     if opt.cache is not None and opt.cache not in CACHES:
         raise UserError(f"--cache {opt.cache}: use {', '.join(CACHES)} (or --cache alone: ram)")
-    check_range("--adapter-kernel", getattr(opt, "adapter_kernel", 3), 1, MAX_ADAPTER_KERNEL, hint="odd: 3 or 1")
-    opt.imitation_region = getattr(opt, "imitation_region", "fgfi")  # opt.yaml of runs older than the flag
-    opt.adapter_kernel = int(getattr(opt, "adapter_kernel", 3))
-    opt.imitation_boxes = getattr(opt, "imitation_boxes", "all")  # opt.yaml of runs older than the flag
-    opt.distill_precision = getattr(opt, "distill_precision", "fp32")  # runs older than the flag: float32
-    parse_imitation_layers(getattr(opt, "imitation_layers", None))
-    weights = {name: getattr(opt, f"{name}_weight", None) for name in TERMS if name != "imitation"}
-    temperature = getattr(opt, "kd_temperature", None)
-    if opt.ft_weights:
-        check_settings(
-            opt.iou_factor,
-            opt.imitation_region,
-            opt.imitation_weight,
-            opt.adapter_kernel,
-            weights,
-            temperature,
-            opt.imitation_reduce,
-            opt.imitation_boxes,
-            opt.distill_precision,
-        )
-    else:
-        given = [f"--{name.replace('_', '-')}-weight" for name, w in weights.items() if w]
-        if given:
-            raise UserError(f"{', '.join(given)}: output distillation needs a teacher: add --ft_weights teacher.pt")
 
 
-def resume_options(opt: argparse.Namespace, defaults: argparse.Namespace) -> argparse.Namespace:
+def resume_options(
+    opt: argparse.Namespace, defaults: argparse.Namespace, state_options: Callable[[dict], dict] | None = None
+) -> argparse.Namespace:
     """--resume: the run's own options, except the RESUME_OVERRIDES given on this command line.
 
-    The run's options come from its opt.yaml (or the checkpoint's 'opt'), the imitation settings from the checkpoint's
-    'distill' state (their one source, as trained); an override is an option that differs from `defaults`
-    (train.parse_opt's), e.g. --ft_weights new/place.pt for a teacher that moved.
+    The run's options come from its opt.yaml (or the checkpoint's 'opt'), then whatever state_options(checkpoint)
+    returns (train.py: distill.options.resume_distill_options, the imitation settings from the checkpoint's 'distill'
+    state, their one source, as trained); an override is an option that differs from `defaults` (train.parse_opt's),
+    e.g. --ft_weights new/place.pt for a teacher that moved.
     """
     last = Path(opt.resume if isinstance(opt.resume, str) else get_latest_run())
     if last.parent.is_dir():
@@ -93,8 +70,9 @@ def resume_options(opt: argparse.Namespace, defaults: argparse.Namespace) -> arg
             f"WARNING: --resume {last}: ignoring {', '.join(ignored)} (a resumed run keeps its own options; only "
             f"{allowed} may be given again)"
         )
-    if ckpt.get("distill"):
-        saved, source = {**saved, **Distiller.options_from_state(ckpt["distill"])}, last
+    extra = state_options(ckpt) if state_options else {}
+    if extra:
+        saved, source = {**saved, **extra}, last
     resumed = argparse.Namespace(**{**vars(defaults), **saved, **given})
     if "ft_weights" in given:
         resumed.ft_weights = str(Path(check_file(resumed.ft_weights, "--ft_weights")).resolve())

@@ -10,8 +10,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from distill.terms import TERMS
-
 METRIC_KEYS = ["metrics/precision", "metrics/recall", "metrics/mAP_0.5", "metrics/mAP_0.5:0.95"]
 
 
@@ -23,7 +21,8 @@ def results_row(loss_names, train_losses, results, lrs) -> dict:
     """
     row = {f"train/{k}_loss": float(v) for k, v in zip(loss_names, train_losses)}
     row.update(dict(zip(METRIC_KEYS, (float(x) for x in results[:4]))))
-    row.update({f"val/{k}_loss": float(v) for k, v in zip(loss_names, results[4:]) if k not in TERMS})
+    # validation reports the detection terms alone (no teacher there), the first names of the loss dict
+    row.update({f"val/{k}_loss": float(v) for k, v in zip(loss_names, results[4:])})
     row.update({f"x/lr{j}": float(x) for j, x in enumerate(lrs)})
     return row
 

@@ -1,0 +1,74 @@
+"""train.py's distillation flags: their checks, their values from the flag / hyp file / table defaults, the Distiller
+they build, and what a checkpoint restores on --resume. The entry point reads argparse; this file turns the options
+into plain values (utils/ never imports distill/: train.py passes these functions where they are needed)."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from torch import nn
+
+from distill.distiller import Distiller, check_settings, parse_imitation_layers
+from distill.terms import TERMS, term_weights
+from utils.general import UserError, check_range
+
+MAX_ADAPTER_KERNEL = 7  # an adapter conv of 9x9 and up costs many times the step for nothing the paper uses
+
+
+def check_distill_options(opt: argparse.Namespace) -> None:
+    """The distillation flags out of range: one line naming the flag (before any data or model is loaded); options of
+    runs older than a flag get the value those runs trained with."""
+    opt.imitation_region = getattr(opt, "imitation_region", "fgfi")
+    opt.adapter_kernel = int(getattr(opt, "adapter_kernel", 3))
+    opt.imitation_boxes = getattr(opt, "imitation_boxes", "all")
+    opt.distill_precision = getattr(opt, "distill_precision", "fp32")
+    check_range("--adapter-kernel", opt.adapter_kernel, 1, MAX_ADAPTER_KERNEL, hint="odd: 3 as in the paper, or 1")
+    parse_imitation_layers(getattr(opt, "imitation_layers", None))
+    weights = {name: getattr(opt, f"{name}_weight", None) for name in TERMS if name != "imitation"}
+    if opt.ft_weights:
+        check_settings(
+            opt.iou_factor, opt.imitation_region, opt.imitation_weight, opt.adapter_kernel, weights,
+            getattr(opt, "kd_temperature", None), opt.imitation_reduce, opt.imitation_boxes, opt.distill_precision,
+        )  # fmt: skip
+        warmup = getattr(opt, "adapter_warmup", None)
+        if warmup is not None:
+            check_range("--adapter-warmup", warmup, 0, hint="epochs; 0 = from the first step")
+    else:
+        given = [f"--{name.replace('_', '-')}-weight" for name, w in weights.items() if w]
+        if given:
+            raise UserError(f"{', '.join(given)}: output distillation needs a teacher: add --ft_weights teacher.pt")
+
+
+def resolve_distill_options(opt: argparse.Namespace, hyp: dict) -> list[str]:
+    """Fill in the distillation options a command line left unset (None): each term's weight from its flag, else
+    the hyp file's key, else the table's default; the temperature from the hyp file; the adapter warm-up from the hyp
+    file's warmup_epochs. Returns the terms the user set by flag (the others may fall back, Distiller's explicit)."""
+    given = {name: getattr(opt, f"{name}_weight", None) for name in TERMS}
+    for name, weight in term_weights(given, hyp).items():
+        setattr(opt, f"{name}_weight", weight)
+    if getattr(opt, "kd_temperature", None) is None:
+        opt.kd_temperature = float(hyp.get("kd_temperature", 1.0))
+    if getattr(opt, "adapter_warmup", None) is None:  # the adapters warm up alone over the lr warmup
+        opt.adapter_warmup = float(hyp["warmup_epochs"])
+    return [name for name, w in given.items() if w is not None]
+
+
+def build_distiller(
+    opt: argparse.Namespace, student: nn.Module, device: torch.device, hyp: dict, explicit: list[str]
+) -> Distiller:
+    """The Distiller of train.py's options (resolve_distill_options first)."""
+    student_layers, teacher_layers = parse_imitation_layers(opt.imitation_layers)
+    return Distiller(
+        student, opt.ft_weights, device, imitation_layers=student_layers, teacher_layers=teacher_layers,
+        iou_factor=opt.iou_factor, imitation_region=opt.imitation_region, imitation_weight=opt.imitation_weight,
+        adapter_kernel=opt.adapter_kernel, channels_last=opt.channels_last,
+        weights={name: getattr(opt, f"{name}_weight") for name in TERMS}, kd_temperature=opt.kd_temperature,
+        imitation_reduce=opt.imitation_reduce, imitation_boxes=opt.imitation_boxes, anchor_t=hyp["anchor_t"],
+        precision=opt.distill_precision, explicit=explicit, adapter_warmup=opt.adapter_warmup,
+    )  # fmt: skip
+
+
+def resume_distill_options(ckpt: dict) -> dict:
+    """--resume: the options that rebuild a checkpoint's distillation exactly as it trained ({} without one)."""
+    return Distiller.options_from_state(ckpt["distill"]) if ckpt.get("distill") else {}
