@@ -62,7 +62,7 @@ PRESETS = {
     "cpu-long": dict(_CPU, epochs=15),
     "gpu": dict(_CPU, teacher="yolov5m.yaml", teacher_epochs=120, imgsz=320, epochs=60, batch=64, device="", workers=8),
     "bccd": _BCCD,
-    "bccd-scratch": dict(_BCCD, student_weights=None, epochs=24),
+    "bccd-scratch": dict(_BCCD, student_weights=None, epochs=16),
 }
 # How the shipped teacher is made: `python experiment.py --train-teacher` (same as train.py with these flags)
 TEACHER_RECIPE = dict(

@@ -52,10 +52,35 @@ def _create(name: str, pretrained: bool = True, channels: int = 3, classes: int 
                 f"{file.name} not found in the current folder, {_ROOT} or {_ROOT / 'weights'}: download it from the "
                 "YOLOv5 v7.0 release and put it there, or pass pretrained=False for an untrained model"
             )
-        return custom(str(found), autoshape, device)
+        if channels == 3 and classes == 80:  # the checkpoint as it is
+            return custom(str(found), autoshape, device)
+        model = _transfer(found, channels, classes)  # another head or input: matching weights transferred
+        model = model.to(select_device("" if device is None else str(device)))
+        return AutoShape(model) if autoshape else model
     device = select_device("" if device is None else str(device))
     model = DetectionModel(f"{Path(name).stem}.yaml", ch=channels, nc=classes).to(device)
     return AutoShape(model) if autoshape else model
+
+
+def _transfer(file: Path, channels: int, classes: int):
+    """A model of the checkpoint's architecture with `channels` inputs and `classes` outputs, holding every
+    checkpoint tensor whose name and shape match (all but the first conv for other channels, all but Detect's output
+    convs for other classes), as YOLOv5's hub entries do. The names are the checkpoint's when their count matches."""
+    from models.yolo import DetectionModel
+    from utils.checkpoint import load_checkpoint
+    from utils.general import LOGGER, intersect_dicts
+
+    ckpt = load_checkpoint(file)
+    source = (ckpt.get("ema") or ckpt["model"]).float()
+    model = DetectionModel({**source.yaml, "ch": channels}, ch=channels, nc=classes)  # the YAML holds its own ch
+    state = intersect_dicts(source.state_dict(), model.state_dict())
+    model.load_state_dict(state, strict=False)
+    LOGGER.info(f"Transferred {len(state)}/{len(model.state_dict())} tensors from {file} ({channels} channels, "
+                f"{classes} classes)")  # fmt: skip
+    names = getattr(source, "names", None)
+    if names is not None and len(names) == classes:
+        model.names = names
+    return model
 
 
 def custom(path: str = "best.pt", autoshape: bool = True, device=None):

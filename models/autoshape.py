@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from utils.augmentations import letterbox
-from utils.general import LOGGER, UserError, increment_path, make_divisible, non_max_suppression, scale_boxes, xyxy2xywh
+from utils.general import LOGGER, UserError, increment_path, non_max_suppression, scale_boxes, xyxy2xywh
 from utils.plots import Annotator, colors, save_one_box
 
 
@@ -46,21 +46,33 @@ class AutoShape(nn.Module):
     @torch.no_grad()
     def forward(self, ims, size: int | tuple[int, int] = 640, augment: bool = False) -> Detections:
         """ims: a path (str/Path), PIL image, HWC RGB uint8 array, or a list of them; a [B, 3, H, W] tensor in 0..1
-        runs as it is (raw model output, no NMS), as YOLOv5's AutoShape. size: longest side of the batch, pixels."""
+        runs as it is (raw model output, no NMS), as YOLOv5's AutoShape. size: longest side of the batch, pixels
+        (or height, width).
+
+        Each image is letterboxed exactly as detect.py letterboxes it at --imgsz size (same scale, the smallest
+        multiple of the stride): a single image gives detect.py's boxes and confidences. In a batch of several, each
+        is then centred in the batch's largest shape; the boxes map back the same way, and the confidences can
+        differ slightly from detect.py's where the extra padding reaches an object's receptive field."""
         if isinstance(ims, torch.Tensor):
+            if ims.dim() != 4:
+                raise UserError(f"a tensor input must be [B, 3, H, W] in 0..1, got shape {tuple(ims.shape)}")
             return self.model(ims.to(next(self.model.parameters())), augment=augment)
+        sizes = [size] if isinstance(size, int) else list(size)
+        if not 1 <= len(sizes) <= 2 or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in sizes):
+            raise UserError(f"size={size!r}: give the longest side in pixels (an int >= 1) or (height, width)")
         t0 = time.perf_counter()
         ims = list(ims) if isinstance(ims, (list, tuple)) else [ims]
+        if not ims:
+            raise UserError("no images given: pass a path, PIL image, HWC uint8 array, or a list of them")
         files, originals = [], []
         for i, im in enumerate(ims):
             name, im = _read(im, i)
-            files.append(name)
+            files.append(_unique(name, files))  # two x.jpg from different folders must not overwrite each other
             originals.append(im)
-        size = (size, size) if isinstance(size, int) else tuple(size)
-        scaled = [max(size) / max(im.shape[:2]) for im in originals]
-        shape = np.max([[im.shape[0] * g, im.shape[1] * g] for im, g in zip(originals, scaled)], 0)
-        shape = [make_divisible(x, self.stride) for x in shape]  # batch h, w
-        batch = np.stack([letterbox(im, shape, auto=False)[0] for im in originals])
+        size = (sizes[0], sizes[0]) if len(sizes) == 1 else tuple(sizes)
+        boxed = [letterbox(im, size, stride=self.stride, auto=True)[0] for im in originals]  # detect.py's
+        h, w = max(b.shape[0] for b in boxed), max(b.shape[1] for b in boxed)  # multiples of the stride
+        batch = np.stack([_centre(b, h, w) for b in boxed])
         x = torch.from_numpy(batch.transpose(0, 3, 1, 2).copy()).to(next(self.model.parameters()))
         x = x / 255
         t1 = time.perf_counter()
@@ -74,6 +86,23 @@ class AutoShape(nn.Module):
         t3 = time.perf_counter()
         times = [(t1 - t0) * 1000, (t2 - t1) * 1000, (t3 - t2) * 1000]
         return Detections(originals, pred, files, times, self.names, tuple(x.shape))
+
+
+def _unique(name: str, taken: list[str]) -> str:
+    """name, or name_2, name_3, ... (before the suffix) when an earlier input of the batch has it."""
+    if name not in taken:
+        return name
+    stem, suffix = Path(name).stem, Path(name).suffix
+    return next(f"{stem}_{k}{suffix}" for k in range(2, len(taken) + 2) if f"{stem}_{k}{suffix}" not in taken)
+
+
+def _centre(im: np.ndarray, h: int, w: int) -> np.ndarray:
+    """im padded (grey 114, as letterbox) to h x w with the image centred, as letterbox centres it."""
+    top, left = (h - im.shape[0]) // 2, (w - im.shape[1]) // 2
+    if (top, left) == (0, 0) and im.shape[:2] == (h, w):
+        return im
+    bottom, right = h - im.shape[0] - top, w - im.shape[1] - left
+    return cv2.copyMakeBorder(im, top, bottom, left, right, cv2.BORDER_CONSTANT, value=(114, 114, 114))
 
 
 def _read(im, i: int) -> tuple[str, np.ndarray]:
@@ -92,8 +121,13 @@ def _read(im, i: int) -> tuple[str, np.ndarray]:
     if isinstance(im, np.ndarray):
         if im.ndim == 2:
             im = np.stack([im] * 3, -1)
-        if im.ndim != 3 or im.shape[2] not in (3, 4):
+        if im.ndim != 3 or im.shape[2] not in (3, 4) or 0 in im.shape:
             raise UserError(f"image {i}: a numpy image must be HWC with 3 channels (RGB), got shape {im.shape}")
+        if im.dtype != np.uint8:  # uint16 read as 0..255 gives false boxes, 0..1 floats none: refused, not guessed
+            raise UserError(
+                f"image {i}: numpy dtype {im.dtype}; pass uint8 RGB in 0..255 (e.g. (x * 255).round().astype(np.uint8) "
+                "for 0..1 floats)"
+            )
         return f"image{i}.jpg", np.ascontiguousarray(im[..., :3])
     raise UserError(f"image {i}: {type(im).__name__} is not an image: pass a path, PIL image or HWC numpy array")
 
@@ -151,9 +185,16 @@ class Detections:
 
     def save(self, labels: bool = True, save_dir: str | Path = "runs/detect/exp", exist_ok: bool = False) -> Path:
         """Annotated images as save_dir/<file name>; returns save_dir (incremented unless exist_ok)."""
-        save_dir = increment_path(save_dir, exist_ok=exist_ok, mkdir=True)
+        try:
+            save_dir = increment_path(save_dir, exist_ok=exist_ok, mkdir=True)
+        except OSError as e:
+            raise UserError(
+                f"results.save: cannot make {save_dir} ({e.strerror or e}); pass a writable save_dir"
+            ) from None
         for i, f in enumerate(self.files):
-            cv2.imwrite(str(save_dir / f), self._annotated(i, labels)[..., ::-1])
+            file = save_dir / f
+            if not cv2.imwrite(str(file), self._annotated(i, labels)[..., ::-1]):
+                raise UserError(f"results.save: could not write {file} (read-only folder or full disk?)")
         LOGGER.info(f"Saved {self.n} image{'s' * (self.n > 1)} to {save_dir}")
         return save_dir
 

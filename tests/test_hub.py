@@ -104,3 +104,81 @@ def test_hub_by_name_and_bad_input(tmp_path, monkeypatch):
         model(str(tmp_path / "missing.jpg"))
     with pytest.raises(UserError, match="HWC with 3 channels"):
         model(np.zeros((3, 4, 5, 6), np.uint8))
+
+
+@pytest.mark.parametrize("channels, classes", [(3, 10), (1, 80), (1, 10)])
+def test_pretrained_with_other_classes_or_channels_transfers_the_rest(tmp_path, monkeypatch, channels, classes):
+    """yolov5n(classes=10) / channels=1 with pretrained=True built the 80-class, 3-channel model (the arguments were
+    ignored); now the requested head and input, with every other tensor the checkpoint's."""
+    from utils.checkpoint import load_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "yolov5n.pt").write_bytes((REAL / "weights/yolov5n.pt").read_bytes())
+    model = torch.hub.load(str(ROOT), "yolov5n", source="local", channels=channels, classes=classes, autoshape=False)
+    assert model.model[-1].nc == classes and model.model[0].conv.in_channels == channels
+    source = load_checkpoint(REAL / "weights/yolov5n.pt")
+    source = (source.get("ema") or source["model"]).float().state_dict()
+    own = model.state_dict()
+    same = [k for k in own if k in source and own[k].shape == source[k].shape]
+    assert all(torch.equal(own[k].float(), source[k]) for k in same)
+    differ = {k for k in own if k not in same}
+    assert differ == ({"model.0.conv.weight"} if channels != 3 else set()) | (
+        {f"model.24.m.{i}.{p}" for i in range(3) for p in ("weight", "bias")} if classes != 80 else set()
+    )
+    out = model.eval()(torch.zeros(1, channels, 64, 64))[0]
+    assert out.shape[-1] == 5 + classes
+
+
+def test_single_image_letterbox_and_batch_shape_match_detect(hub_model, tmp_path):
+    """A 705 x 1280 image ran at 640 x 384 (unrounded size) while detect.py runs it at 640 x 352: the shapes and the
+    boxes of one image are now detect.py's."""
+    import cv2
+
+    im = cv2.resize(cv2.imread(str(BUS)), (1280, 705))
+    file = tmp_path / "wide" / "wide.jpg"
+    file.parent.mkdir()
+    cv2.imwrite(str(file), im)
+    results = hub_model(str(file))
+    assert results.s == (1, 3, 352, 640)
+    want = detect_labels(tmp_path, file.parent)["wide"]
+    got = results.pandas().xywhn[0]
+    rows = want[np.argsort(-want[:, 5])]
+    assert len(got) == len(rows)
+    np.testing.assert_allclose(got[["confidence"]].to_numpy()[:, 0], rows[:, 5], atol=1e-4)
+
+
+def test_autoshape_bad_inputs_are_one_line(hub_model, tmp_path):
+    from utils.general import UserError
+
+    for bad, message in (
+        ([], "no images given"),
+        (np.zeros((0, 5), np.uint8), "HWC with 3 channels"),
+        (np.zeros((64, 64, 3), np.uint16), "numpy dtype uint16; pass uint8"),
+        (np.zeros((64, 64, 3), np.float32), "numpy dtype float32; pass uint8"),
+        (torch.zeros(3, 64, 64), r"must be \[B, 3, H, W\]"),
+    ):
+        with pytest.raises(UserError, match=message):
+            hub_model(bad)
+    for size in (0, -5, (1, 2, 3)):
+        with pytest.raises(UserError, match="size="):
+            hub_model(str(BUS), size=size)
+
+
+def test_results_save_checks_writes_and_keeps_equal_names_apart(hub_model, tmp_path):
+    from utils.general import UserError
+
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "x.jpg").write_bytes(BUS.read_bytes())
+    results = hub_model([str(tmp_path / "a/x.jpg"), str(tmp_path / "b/x.jpg")])
+    assert results.files == ["x.jpg", "x_2.jpg"]
+    out = results.save(save_dir=tmp_path / "out", exist_ok=True)
+    assert sorted(p.name for p in out.iterdir()) == ["x.jpg", "x_2.jpg"]
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("a file, not a folder")
+    with pytest.raises(UserError, match="cannot make"):
+        results.save(save_dir=blocker / "out")
+    taken = tmp_path / "taken"
+    (taken / "x.jpg").mkdir(parents=True)  # the image's own name is a folder there: cv2.imwrite fails
+    with pytest.raises(UserError, match="could not write .*x.jpg"):  # before: 'Saved 2 images', nothing written
+        results.save(save_dir=taken, exist_ok=True)

@@ -31,7 +31,6 @@ IMG_FORMATS = "bmp", "dng", "jpeg", "jpg", "mpo", "png", "tif", "tiff", "webp", 
 VID_FORMATS = "asf", "avi", "gif", "m4v", "mkv", "mov", "mp4", "mpeg", "mpg", "ts", "wmv"
 
 
-
 def check_range(flag: str, value, low=None, high=None, high_open: bool = False, hint: str = "") -> None:
     """One UserError naming the flag when value is not a number in [low, high] ([low, high) with high_open; a None
     bound is unbounded), e.g. check_range('--conf-thres', 2, 0, 1)."""
