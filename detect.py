@@ -157,6 +157,8 @@ def run(
     save_img = not nosave
 
     device = select_device(device)
+    if half and device.type != "cuda":
+        LOGGER.info("--half ignored: FP16 inference runs on CUDA only; this runs in FP32 on the CPU")
     half &= device.type == "cuda"  # FP16 only on CUDA
     model, names = _load_model(weights, device, data)
     if half:

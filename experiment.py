@@ -137,6 +137,8 @@ def run_experiment(
     if epochs is not None and epochs < 1:
         raise UserError(f"--epochs {epochs}: train for at least 1 epoch")
     cfg["epochs"] = epochs or cfg["epochs"]
+    if arms is not None and not arms:
+        raise UserError("--arms names no arm: give arms separated by commas, e.g. student,default")
     arms = list(arms or (ARMS if ablation else MAIN_ARMS))
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
@@ -453,8 +455,8 @@ def parse_seeds(value: str) -> list[int]:
         seeds = [int(s) for s in str(value).replace(" ", "").split(",") if s]
     except ValueError:
         raise UserError(f"--seeds '{value}': use integers separated by commas, e.g. 0,1,2") from None
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise UserError(f"--seeds '{value}': give one or more distinct seeds, e.g. 0,1,2")
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise UserError(f"--seeds '{value}': give one or more distinct seeds >= 0, e.g. 0,1,2")
     return seeds
 
 
@@ -489,7 +491,8 @@ if __name__ == "__main__":
         else:
             run_experiment(
                 opt.preset, opt.teacher, opt.project, opt.epochs, parse_seeds(opt.seeds), opt.ablation,
-                [a for a in opt.arms.split(",") if a] or None, device=opt.device, teacher_epochs=opt.teacher_epochs,
+                None if not opt.arms else [a for a in opt.arms.split(",") if a], device=opt.device,
+                teacher_epochs=opt.teacher_epochs,
                 data=opt.data, imgsz=opt.imgsz, batch=opt.batch_size, student_weights=opt.student_weights,
                 distill_precision=opt.distill_precision,
             )  # fmt: skip

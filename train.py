@@ -134,9 +134,8 @@ def train(hyp: dict | str, opt: argparse.Namespace, device: torch.device) -> tup
     # Distillation: the frozen teacher, the adapters and the terms' settings, beside the plain student (distill/)
     distiller = None
     if opt.ft_weights:
-        distiller = build_distiller(opt, model, device, hyp, explicit)
-        if ckpt is not None and resume and ckpt.get("distill"):
-            distiller.load_state_dict(ckpt["distill"])
+        state = ckpt.get("distill") if ckpt is not None and resume else None
+        distiller = build_distiller(opt, model, device, hyp, explicit, resume_state=state)
         distiller.check_student(model, adopt_anchors=not (weights or resume))  # --kd-weight: the teacher's anchors
     gs = max(int(model.stride.max()), distiller.stride if distiller else 0, 32)  # a P6 teacher needs 64
     imgsz = check_img_size(opt.imgsz, gs, floor=gs * 2)

@@ -208,6 +208,7 @@ class Distiller:
         self.cpu_bf16 = resolve_cpu_bf16(precision, device)
         cpu = torch.device(device).type == "cpu"
         self.precision = ("bf16" if self.cpu_bf16 else "fp32") if cpu else str(precision)  # resolved: --resume
+        self.precision_asked = str(precision)  # 'auto' is resolved again on --resume (another CPU may lack AMX)
         student = getattr(student, "module", student)
         self.teacher = load_teacher(
             self.teacher_path, student, device, imitation_layers, teacher_layers=teacher_layers,
@@ -390,6 +391,7 @@ class Distiller:
             "imitation_reduce": self.imitation_reduce,
             "imitation_boxes": self.imitation_boxes,
             "distill_precision": self.precision,
+            "distill_precision_asked": self.precision_asked,
             "adapter_warmup": self.adapter_warmup,
         }
 
@@ -430,6 +432,8 @@ class Distiller:
         opts.setdefault("imitation_boxes", "all")  # and masked every level with every box
         opts.setdefault("distill_precision", "fp32")  # and ran teacher and adapters in float32
         opts.setdefault("adapter_warmup", 0.0)  # and trained the adapters with the student from the first step
+        if state.get("distill_precision_asked") == "auto":  # resolved again for the machine that resumes
+            opts["distill_precision"] = "auto"
         for name, term in TERMS.items():  # and had only the terms they name (output terms were off by default)
             opts.setdefault(f"{name}_weight", term.default if name == "imitation" else 0.0)
         opts["ft_weights"] = state["teacher"]

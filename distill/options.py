@@ -11,7 +11,7 @@ from torch import nn
 
 from distill.distiller import Distiller, check_settings, parse_imitation_layers
 from distill.terms import TERMS, term_weights
-from utils.general import UserError, check_range
+from utils.general import LOGGER, UserError, check_range
 
 MAX_ADAPTER_KERNEL = 7  # an adapter conv of 9x9 and up costs many times the step for nothing the paper uses
 
@@ -55,11 +55,17 @@ def resolve_distill_options(opt: argparse.Namespace, hyp: dict) -> list[str]:
 
 
 def build_distiller(
-    opt: argparse.Namespace, student: nn.Module, device: torch.device, hyp: dict, explicit: list[str]
+    opt: argparse.Namespace,
+    student: nn.Module,
+    device: torch.device,
+    hyp: dict,
+    explicit: list[str],
+    resume_state: dict | None = None,
 ) -> Distiller:
-    """The Distiller of train.py's options (resolve_distill_options first)."""
+    """The Distiller of train.py's options (resolve_distill_options first); resume_state: the checkpoint's 'distill'
+    state of a resumed run (its adapters are restored; a precision that 'auto' now resolves otherwise is one line)."""
     student_layers, teacher_layers = parse_imitation_layers(opt.imitation_layers)
-    return Distiller(
+    distiller = Distiller(
         student, opt.ft_weights, device, imitation_layers=student_layers, teacher_layers=teacher_layers,
         iou_factor=opt.iou_factor, imitation_region=opt.imitation_region, imitation_weight=opt.imitation_weight,
         adapter_kernel=opt.adapter_kernel, channels_last=opt.channels_last,
@@ -67,6 +73,15 @@ def build_distiller(
         imitation_reduce=opt.imitation_reduce, imitation_boxes=opt.imitation_boxes, anchor_t=hyp["anchor_t"],
         precision=opt.distill_precision, explicit=explicit, adapter_warmup=opt.adapter_warmup,
     )  # fmt: skip
+    if resume_state:
+        distiller.load_state_dict(resume_state)
+        before = resume_state.get("distill_precision", "fp32")
+        if before != distiller.precision:
+            LOGGER.info(
+                f"--resume: the run trained its teacher and adapters in {before}; --distill-precision auto gives "
+                f"{distiller.precision} on this machine, so the resumed run is not bit-exact"
+            )
+    return distiller
 
 
 def resume_distill_options(ckpt: dict) -> dict:

@@ -123,3 +123,29 @@ def test_old_checkpoints_resume_without_the_new_defaults():
     opts = Distiller.options_from_state(old)
     assert (opts["kd_weight"], opts["box_kd_weight"], opts["adapter_warmup"]) == (0.0, 0.0, 0.0)
     assert opts["imitation_weight"] == 0.01
+
+
+def test_resume_resolves_auto_precision_again_and_says_so(teacher_pt, log_lines):
+    """A run that chose bf16 with 'auto' on a CPU with AMX resumed in bf16 anywhere (emulated, slow): 'auto' is
+    resolved again for the resuming machine, with one line when that changes the precision."""
+    from distill.distiller import resolve_cpu_bf16
+    from distill.options import build_distiller, resolve_distill_options
+
+    here = "bf16" if resolve_cpu_bf16("auto", "cpu") else "fp32"
+    there = "fp32" if here == "bf16" else "bf16"
+    student = DetectionModel("yolov5n.yaml", nc=8)
+    state = Distiller(student, teacher_pt, "cpu", precision=there).state_dict()
+    state["distill_precision_asked"] = "auto"  # the run asked for auto, and auto gave `there` on its machine
+    opts = Distiller.options_from_state(state)
+    assert opts["distill_precision"] == "auto"
+    assert Distiller.options_from_state({**state, "distill_precision_asked": there})["distill_precision"] == there
+    old = {k: v for k, v in state.items() if k != "distill_precision_asked"}  # before the key: as saved
+    assert Distiller.options_from_state(old)["distill_precision"] == there
+    opt = train.parse_opt(True, args=[])
+    for k, v in {**opts, "ft_weights": str(teacher_pt)}.items():
+        setattr(opt, k, v)
+    hyp = yaml_load(HYP)
+    explicit = resolve_distill_options(opt, hyp)
+    distiller = build_distiller(opt, student, torch.device("cpu"), hyp, explicit, resume_state=state)
+    assert distiller.precision == here
+    assert any(f"trained its teacher and adapters in {there}" in line and "not bit-exact" in line for line in log_lines)

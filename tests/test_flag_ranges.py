@@ -77,3 +77,24 @@ def test_val_flags_out_of_range_are_one_line(tmp_path, tiny_data, kwargs, messag
 def test_export_opset_out_of_range_is_one_line(tmp_path, opset):
     with pytest.raises(UserError, match=rf"--opset {opset}: must be in \[7, 20\]"):
         export.run(weights=str(tmp_path / "missing.pt"), include=("onnx",), opset=opset)
+
+
+def test_experiment_arms_and_seeds_are_checked(tmp_path):
+    import experiment
+
+    for value in ("-1", "0,-2", "1,1", ""):
+        with pytest.raises(UserError, match="--seeds"):
+            experiment.parse_seeds(value)
+    with pytest.raises(UserError, match="--arms names no arm"):
+        experiment.run_experiment("cpu", project=tmp_path, arms=[])
+
+
+def test_folder_given_as_a_file_and_img_size_floor_say_what_is_wrong(tmp_path, log_lines):
+    from utils.general import check_file, check_img_size
+
+    with pytest.raises(UserError, match=r"--ft_weights '.*' is a folder: pass the file in it"):
+        check_file(tmp_path, "--ft_weights")
+    assert check_img_size(64, 64, floor=128) == 128
+    assert any("must be at least 128 (2 x the largest stride, 64)" in line for line in log_lines)
+    assert check_img_size(100, 32) == 128
+    assert any("must be a multiple of max stride 32" in line for line in log_lines)

@@ -113,7 +113,13 @@ def check_img_size(imgsz: int | list[int], s: int = 32, floor: int = 0) -> int |
     else:
         new_size = [max(make_divisible(x, int(s)), floor) for x in list(imgsz)]
     if new_size != imgsz:
-        LOGGER.warning(f"WARNING: --img-size {imgsz} must be a multiple of max stride {s}, updating to {new_size}")
+        sizes = [imgsz] if isinstance(imgsz, int) else list(imgsz)
+        why = (
+            f"must be a multiple of max stride {s}"
+            if any(x % int(s) for x in sizes)
+            else f"must be at least {floor} (2 x the largest stride, {s})"
+        )
+        LOGGER.warning(f"WARNING: --img-size {imgsz} {why}, updating to {new_size}")
     return new_size
 
 
@@ -132,6 +138,8 @@ def check_file(file: str | Path, what: str = "file") -> str:
     file = str(file)
     if not file or Path(file).is_file():
         return file
+    if Path(file).is_dir():
+        raise UserError(f"{what} '{file}' is a folder: pass the file in it (e.g. {Path(file) / 'best.pt'})")
     for folder in ("data", "models", "data/hyps"):
         hits = glob.glob(str(ROOT / folder / "**" / Path(file).name), recursive=True)
         if hits:
