@@ -255,7 +255,9 @@ def train(hyp: dict | str, opt: argparse.Namespace, device: torch.device) -> tup
         if opt.image_weights:
             cw = m.class_weights.cpu().numpy() * (1 - maps) ** 2 / nc
             iw = labels_to_image_weights(dataset.labels, nc=nc, class_weights=cw)
-            dataset.indices = random.choices(range(dataset.n), weights=iw, k=dataset.n)
+            # drawn from (seed, epoch) alone: the loader's workers (or --workers 0 reseeding this process's RNG) and
+            # a --resume with other --workers draw the same images
+            dataset.indices = random.Random(f"{opt.seed}:iw:{epoch}").choices(range(dataset.n), weights=iw, k=dataset.n)
         mloss = torch.zeros(len(loss_names), device=device)  # (the loader's EpochSampler counts epochs itself)
         pbar = enumerate(train_loader)
         LOGGER.info(
@@ -288,7 +290,8 @@ def train(hyp: dict | str, opt: argparse.Namespace, device: torch.device) -> tup
                         x["momentum"] = np.interp(ni, xi, [hyp["warmup_momentum"], hyp["momentum"]])
 
             if opt.multi_scale:
-                sz = random.randrange(int(imgsz * 0.5), int(imgsz * 1.5) + gs) // gs * gs
+                draw = random.Random(f"{opt.seed}:ms:{ni}")  # from (seed, step): exact across --workers and ranks
+                sz = draw.randrange(int(imgsz * 0.5), int(imgsz * 1.5) + gs) // gs * gs
                 sf = sz / max(imgs.shape[2:])
                 if sf != 1:
                     ns = [math.ceil(x * sf / gs) * gs for x in imgs.shape[2:]]

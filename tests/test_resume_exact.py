@@ -150,3 +150,26 @@ def test_refused_resume_writes_nothing(tmp_path, tiny_data, teacher_pt):
     with pytest.raises(UserError, match=r"had no teacher.*--weights .*epoch0\.pt --ft_weights"):
         train.run(resume=str(run_dir / "weights/epoch0.pt"), ft_weights=str(teacher_pt))
     assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == before
+
+
+@pytest.mark.parametrize("flag", ["--multi-scale", "--image-weights"])
+def test_resume_with_other_workers_is_exact(tmp_path, tiny_data, teacher_pt, flag):
+    """--workers is a flag a resume may change: 0 -> 2 with --multi-scale or --image-weights gave other weights after
+    the resume (the main process's RNG, reseeded by the loader with --workers 0, drew the sizes and images). The run
+    resumed from its epoch-0 checkpoint with --workers 2 ends with the very weights of the run left alone."""
+    import shutil
+
+    cmd = _command(tiny_data, teacher_pt, tmp_path, "alone")
+    cmd[cmd.index("--epochs") + 1] = "2"
+    cmd[cmd.index("--workers") + 1] = "0"
+    _run([*cmd, flag])
+    alone = tmp_path / "alone"
+    resumed = tmp_path / "resumed"
+    shutil.copytree(alone, resumed)
+    (resumed / "weights/epoch0.pt").replace(resumed / "weights/last.pt")  # the run as it was after epoch 0
+    (resumed / "weights/best.pt").unlink()
+    _run([sys.executable, str(ROOT / "train.py"), "--resume", str(resumed / "weights/last.pt"), "--workers", "2"])
+    want = load_checkpoint(alone / "weights/last.pt")["model"].state_dict()
+    got = load_checkpoint(resumed / "weights/last.pt")["model"].state_dict()
+    differ = [k for k in want if not torch.equal(want[k], got[k])]
+    assert not differ, f"{len(differ)} of {len(want)} tensors differ, e.g. {differ[:3]}"
