@@ -239,3 +239,19 @@ def test_load_student_says_whether_the_head_came_pretrained(tmp_path):
     assert load_student(ckpt, "", 3, None, False, device)[2] is False  # other nc: the head's convs are new
     assert load_student(ckpt, "yolov5n.yaml", 8, None, False, device)[2] is False  # --cfg: anchors from the YAML
     assert load_student("", "yolov5n.yaml", 8, None, False, device)[2] is False  # from scratch
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_disk_full_during_a_checkpoint_write_is_one_line_and_keeps_the_old_file(tmp_path, model):
+    """A write that hits a full disk (the temporary file is made to land on /dev/full, which answers every write
+    with ENOSPC) gave torch's raw 'RuntimeError: [enforce fail at inline_container.cc] unexpected pos'; now one line,
+    and the previous checkpoint is intact."""
+    path = tmp_path / "last.pt"
+    save_checkpoint({"epoch": 0, "model": model}, path)
+    before = path.read_bytes()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.symlink_to("/dev/full")
+    with pytest.raises(UserError, match=r"could not write checkpoint .*last.pt \(No space left on device\)") as e:
+        save_checkpoint({"epoch": 1, "model": model}, path)
+    assert "\n" not in str(e.value)
+    assert path.read_bytes() == before and not tmp.exists() and not tmp.is_symlink()

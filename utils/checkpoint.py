@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import inspect
+import io
 import os
 import pathlib
 import pickle
@@ -246,19 +247,25 @@ def _as_tuples(x):
 
 
 def save_checkpoint(ckpt: dict, path: str | Path) -> None:
-    """torch.save atomically: write a temporary file in the same folder, then os.replace it into place.
+    """torch.save atomically: serialize in memory, write a temporary file in the same folder, fsync, then os.replace
+    it into place.
 
-    A failed write (folder deleted or read-only, disk full) is one UserError naming the file; the old file is kept."""
+    Serializing first keeps the two failures apart: a checkpoint that cannot be serialized is a bug and raises as it
+    is; any failed write (folder deleted or read-only, disk full: torch's own writer reported that as a RuntimeError
+    "unexpected pos") is one UserError naming the file, and the old file is kept."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    buffer = io.BytesIO()
+    torch.save(ckpt, buffer)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(ckpt, tmp)
+        with open(tmp, "wb") as f:
+            f.write(buffer.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
-        if isinstance(e, RuntimeError) and "write" not in str(e).lower() and "file" not in str(e).lower():
-            raise
-        why = e.strerror if isinstance(e, OSError) and e.strerror else " ".join(str(e).split())[:120]
+    except OSError as e:
+        why = e.strerror or " ".join(str(e).split())[:120]
         raise UserError(
             f"could not write checkpoint {path} ({why}): is its folder {path.parent} still there and writable, "
             "with free space?"
