@@ -8,6 +8,7 @@ import io
 import os
 import socket
 import threading
+import time
 import zipfile
 from copy import deepcopy
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -302,3 +303,102 @@ def test_archive_colliding_with_a_file_moves_nothing(server, dataset_files, work
     with pytest.raises(UserError, match=r"has a folder zzz where .*zzz is a file: move"):
         check_dataset(data_yaml(workdir / "repo", url))
     assert sorted(p.name for p in root.iterdir()) == ["zzz"] and (root / "zzz").read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    "body, length, reason",
+    [
+        (b"<!DOCTYPE html><html>rate limited</html>", None, "an HTML page"),
+        (b"", None, "empty"),
+        (b"CKPT", None, "not a complete PyTorch checkpoint"),
+        ("cut", "short", "not a complete PyTorch checkpoint"),  # Content-Length smaller than the body
+    ],
+)
+def test_a_bad_body_is_never_saved_as_the_weights(release, checkpoint_bytes, tmp_path, body, length, reason):
+    """A 200 response that is not a checkpoint (an HTML page, an empty body, a body cut off at a too-small
+    Content-Length) was renamed into place as yolov5m.pt and never fetched again; now it is refused before the
+    rename, and a later run downloads it anew."""
+    if body == "cut":
+        body, length = checkpoint_bytes, len(checkpoint_bytes) // 2
+    release.serve("/v7.0/yolov5m.pt", body, length)
+    target = tmp_path / "yolov5m.pt"
+    try:
+        with pytest.raises(UserError, match=reason) as e:
+            attempt_load(target)
+        assert "\n" not in str(e.value)
+        assert_nothing_left(tmp_path)
+        release.serve("/v7.0/yolov5m.pt", checkpoint_bytes)  # the server is fixed: the next run gets the file
+        assert attempt_load(target).model[-1].nc == 8 and target.read_bytes() == checkpoint_bytes
+    finally:
+        release.routes.pop("/v7.0/yolov5m.pt", None)
+
+
+def test_an_unreadable_release_file_in_place_says_to_delete_it(tmp_path):
+    bad = tmp_path / "yolov5s.pt"
+    bad.write_bytes(b"<html>not weights</html>")
+    with pytest.raises(UserError, match="delete it and run again to download yolov5s.pt anew"):
+        load_checkpoint(bad)
+    other = tmp_path / "mine.pt"
+    other.write_bytes(b"junk")
+    with pytest.raises(UserError) as e:
+        load_checkpoint(other)
+    assert "download" not in str(e.value)
+
+
+def test_a_trickling_server_is_given_up(release, tmp_path, monkeypatch):
+    """One byte every 0.2 s never trips the socket timeout; the minimum mean rate does (made small for the test)."""
+    import http.server
+
+    class Trickle(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            for _ in range(20):
+                self.wfile.write(b"x")
+                self.wfile.flush()
+                time.sleep(0.2)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Trickle)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(downloads, "MIN_RATE_AFTER_S", 1.0)
+    try:
+        monkeypatch.setenv(downloads.RELEASE_URL_ENV, f"http://127.0.0.1:{server.server_address[1]}/v7.0")
+        with pytest.raises(UserError, match=r"too slow: \d+ bytes in \d+ s"):
+            attempt_load(tmp_path / "yolov5s.pt")
+        assert_nothing_left(tmp_path)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_stale_temp_files_of_killed_runs_are_removed(release, checkpoint_bytes, tmp_path):
+    dead = subprocess_pid_that_exited()
+    stale = tmp_path / f".yolov5s.pt.{dead}.tmp"
+    stale.write_bytes(b"half a download")
+    staging = tmp_path / "datasets" / f".unzip.{dead}.tmp"
+    staging.mkdir(parents=True)
+    (staging / "stale.txt").write_text("x")
+    attempt_load(tmp_path / "yolov5s.pt")
+    assert not stale.exists()
+    assert downloads.remove_stale(tmp_path / "datasets", ".unzip.*.tmp") == [staging] and not staging.exists()
+
+
+def subprocess_pid_that_exited() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(proc.stdout)
+
+
+def test_a_zip_bomb_is_refused(tmp_path, monkeypatch):
+    archive = tmp_path / "bomb.zip"
+    archive.write_bytes(zip_bytes({"a.txt": b"0" * 10_000}))
+    monkeypatch.setattr(downloads, "MAX_UNZIPPED", 1000)
+    with pytest.raises(downloads.DownloadError, match="unpack to .* over the 0 GiB limit"):
+        downloads.unzip_into(archive, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

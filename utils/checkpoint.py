@@ -16,6 +16,7 @@ import os
 import pathlib
 import pickle
 import random
+import struct
 import zipfile
 from copy import deepcopy
 from datetime import datetime
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from utils.downloads import attempt_download
+from utils.downloads import RELEASE_ASSETS, attempt_download
 from utils.general import LOGGER, UserError, check_file, check_yaml, intersect_dicts
 
 # torch.nn layers that YOLOv5 models (and their older versions) are built from
@@ -88,9 +89,22 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             raise UserError(
                 f"checkpoint {path} needs {forbidden[0]}, which is not an allowed YOLOv5 class; refusing to unpickle it"
             ) from None
-        raise UserError(f"checkpoint {path} is not a readable PyTorch checkpoint ({_first_line(e)})") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError, AttributeError) as e:
-        raise UserError(f"checkpoint {path} is truncated or not a PyTorch checkpoint ({_first_line(e)})") from None
+        raise UserError(
+            f"checkpoint {path} is not a readable PyTorch checkpoint ({_first_line(e)}){_refetch(path)}"
+        ) from None
+    except (
+        RuntimeError,
+        EOFError,
+        OSError,
+        ValueError,
+        zipfile.BadZipFile,
+        KeyError,
+        AttributeError,
+        struct.error,
+    ) as e:
+        raise UserError(
+            f"checkpoint {path} is truncated or not a PyTorch checkpoint ({_first_line(e)}){_refetch(path)}"
+        ) from None
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise UserError(f"checkpoint {path} is not a YOLOv5 checkpoint: expected a dict with a 'model' entry")
     return ckpt
@@ -244,6 +258,12 @@ def restore_train_state(state: dict, scaler=None) -> dict:
 def _as_tuples(x):
     """random.setstate needs the tuples that a save may have turned into lists."""
     return tuple(_as_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def _refetch(path: str | Path) -> str:
+    """For an official release name: how to get a good copy (a bad earlier download stays until deleted)."""
+    name = Path(path).name
+    return f"; delete it and run again to download {name} anew" if name in RELEASE_ASSETS else ""
 
 
 def save_checkpoint(ckpt: dict, path: str | Path) -> None:

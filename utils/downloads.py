@@ -19,10 +19,14 @@ import hashlib
 import http.client
 import os
 import shutil
+import signal
+import threading
+import time
 import urllib.error
 import urllib.parse
 import zipfile
 import zlib
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from urllib.request import Request, urlopen
 
@@ -38,6 +42,9 @@ KNOWN_FILES: dict[str, tuple[int, str]] = {
     "yolov5n.pt": (4_062_133, "4f180cf23ba0717ada0badd6c685026d73d48f184d00fc159c2641284b2ac0a3"),
 }
 TIMEOUT_S = 30  # seconds without a byte (connecting or reading) before a download is given up
+# a server that trickles bytes never trips TIMEOUT_S: after MIN_RATE_AFTER_S, a mean rate below MIN_RATE is given up
+MIN_RATE, MIN_RATE_AFTER_S = 16 * 1024, 60.0  # bytes/s, s
+MAX_UNZIPPED = 64 << 30  # a dataset zip that would unpack to more than 64 GiB (a zip bomb) is refused
 CHUNK = 1 << 20
 
 
@@ -63,7 +70,7 @@ def attempt_download(path: str | Path) -> Path:
     size, sha256 = KNOWN_FILES.get(file.name, (None, None))
     LOGGER.info(f"Downloading {url} to {file} ...")
     try:
-        fetch(url, file, size=size, sha256=sha256)
+        fetch(url, file, size=size, sha256=sha256, check=_check_checkpoint)
     except DownloadError as e:
         raise UserError(
             f"{file.name} not found: could not download {url} ({e}); download it by hand and save it as "
@@ -86,6 +93,8 @@ def download_dataset(urls: str | list[str], folder: str | Path) -> None:
     folder = Path(folder)
     by_hand = f"download it by hand and unzip it into {folder.resolve()}"
     staging = folder / f".unzip.{os.getpid()}.tmp"
+    remove_stale(folder, ".unzip.*.tmp")
+    shutil.rmtree(staging, ignore_errors=True)  # a staging folder of a killed run whose PID this process reuses
     try:
         for url in urls:
             name = Path(urllib.parse.unquote(urllib.parse.urlparse(url).path)).name
@@ -131,21 +140,33 @@ def _check_merge(src: Path, dst: Path, by_hand: str) -> None:
             _check_merge(entry, dst / entry.name, by_hand)
 
 
-def fetch(url: str, dest: str | Path, size: int | None = None, sha256: str | None = None) -> Path:
+def fetch(
+    url: str,
+    dest: str | Path,
+    size: int | None = None,
+    sha256: str | None = None,
+    check: Callable[[Path], None] | None = None,
+) -> Path:
     """Stream url into dest through `.<name>.<pid>.tmp` beside it, with a progress bar; return dest.
 
     Checks the byte count against the Content-Length header and, when given, against size and the body's sha256
-    (hex). Raises DownloadError (dest untouched, the temporary file removed) on any failure.
+    (hex), then check(tmp) (raises DownloadError for a body that is not what was asked for). Temporary files of the
+    same name left by killed processes are removed first; SIGTERM during the download removes this one. Raises
+    DownloadError (dest untouched, the temporary file removed) on any failure.
     """
     dest = Path(dest)
     tmp = dest.with_name(f".{dest.name}.{os.getpid()}.tmp")
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        got, digest = _stream(url, tmp, dest.name)
+        remove_stale(dest.parent, f".{dest.name}.*.tmp")
+        with _sigterm_raises():
+            got, digest = _stream(url, tmp, dest.name)
         if size is not None and got != size:
             raise DownloadError(f"{got} bytes, but the known file has {size}")
         if sha256 and digest != sha256.lower():
             raise DownloadError(f"sha256 {digest[:16]}... differs from the known {sha256[:16]}...")
+        if check is not None:
+            check(tmp)
         os.replace(tmp, dest)
     except OSError as e:  # a local problem: folder not writable, disk full
         raise DownloadError(_one_line(e)) from None
@@ -155,20 +176,78 @@ def fetch(url: str, dest: str | Path, size: int | None = None, sha256: str | Non
     return dest
 
 
+def _check_checkpoint(file: Path) -> None:
+    """A PyTorch checkpoint is a zip archive holding a data.pkl: an HTML page, an empty or a cut-off body is not."""
+    try:
+        with zipfile.ZipFile(file) as zf:
+            if not any(name.endswith("data.pkl") for name in zf.namelist()):
+                raise DownloadError("the body is a zip archive but not a PyTorch checkpoint")
+    except (zipfile.BadZipFile, EOFError, OSError) as e:
+        head = file.read_bytes()[:64] if file.is_file() else b""
+        what = "an HTML page" if b"<" in head[:16] else "empty" if not head else "not a complete PyTorch checkpoint"
+        raise DownloadError(f"the body is {what} ({_one_line(e)})") from None
+
+
+def remove_stale(folder: Path, pattern: str) -> list[Path]:
+    """Remove the files or folders matching pattern (`name.<pid>.tmp`) left in folder by processes no longer alive."""
+    removed = []
+    for path in Path(folder).glob(pattern) if Path(folder).is_dir() else ():
+        pid = path.name.rsplit(".", 2)[-2]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """While the block runs, SIGTERM raises SystemExit, so the callers' cleanup (finally) removes temporary files;
+    the previous handler is restored after. Only in the main thread (signal handlers cannot be set elsewhere)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _stream(url: str, tmp: Path, desc: str) -> tuple[int, str]:
-    """Write url's body into tmp; return (bytes, sha256 hex). Raises DownloadError."""
-    digest, got = hashlib.sha256(), 0
+    """Write url's body into tmp; return (bytes, sha256 hex). Raises DownloadError, also when the mean rate stays
+    below MIN_RATE past MIN_RATE_AFTER_S (a trickle never trips the socket timeout)."""
+    digest, got, t0 = hashlib.sha256(), 0, time.monotonic()
     try:
         with urlopen(Request(url, headers={"User-Agent": "yolov5-fgfi"}), timeout=TIMEOUT_S) as response:
             length = response.headers.get("Content-Length")
             expected = int(length) if length and length.strip().isdigit() else None
             bar = tqdm(total=expected, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=RANK > 0)
             with open(tmp, "wb") as f, bar:
-                while chunk := response.read(CHUNK):
+                while chunk := response.read1(CHUNK):
                     f.write(chunk)
                     digest.update(chunk)
                     got += len(chunk)
                     bar.update(len(chunk))
+                    elapsed = time.monotonic() - t0
+                    if elapsed > MIN_RATE_AFTER_S and got / elapsed < MIN_RATE:
+                        raise DownloadError(
+                            f"too slow: {got} bytes in {elapsed:.0f} s (under {MIN_RATE // 1024} KiB/s); given up"
+                        )
     except urllib.error.HTTPError as e:
         raise DownloadError(f"HTTP {e.code} {e.reason}") from None
     except urllib.error.URLError as e:
@@ -188,6 +267,12 @@ def unzip_into(archive: str | Path, folder: str | Path) -> None:
     folder = Path(folder)
     try:
         with zipfile.ZipFile(archive) as zf:
+            unpacked = sum(info.file_size for info in zf.infolist())
+            if unpacked > MAX_UNZIPPED:
+                raise DownloadError(
+                    f"it would unpack to {unpacked / (1 << 30):.0f} GiB, over the {MAX_UNZIPPED >> 30} GiB limit "
+                    "(a zip bomb?); refused"
+                )
             for name in zf.namelist():
                 parts = PurePosixPath(name.replace("\\", "/"))
                 escapes = parts.is_absolute() or ".." in parts.parts or PureWindowsPath(name).drive
