@@ -29,7 +29,7 @@ from typing import Callable, Union
 import torch
 from torch import nn
 
-from distill.gradsink import tap
+from distill.fast import use_fast_kernels
 from distill.loss import FeatureAdapters, feature_channels
 from distill.mask import BOXES, REGIONS
 from distill.sparse import default_max_share, gather_cells, masked_cells
@@ -241,9 +241,9 @@ class Distiller:
         if channels_last:
             to_channels_last(self.teacher)
             to_channels_last(self.adapters)
-        self.sparse_max_share = float(
-            default_max_share(device, self.cpu_bf16) if sparse_max_share is None else sparse_max_share
-        )
+        if sparse_max_share is None:  # the sparse adapter is a fast kernel: distill.fast switches it off (dense)
+            sparse_max_share = default_max_share(device, self.cpu_bf16) if use_fast_kernels() else 0.0
+        self.sparse_max_share = float(sparse_max_share)
         terms = ", ".join(f"{k} {w:g}" for k, w in self.loss_weights.items())
         text = f"{colorstr('Distillation: ')}teacher {self.teacher_path}, terms {terms}"
         if self.imitate:
@@ -309,8 +309,8 @@ class Distiller:
         each (sparse path, where the masked share is below sparse_max_share), the mask [B, 1, h, w], and
         'level_weights' (the adapted feature in bf16 under precision bf16, as under CUDA AMP in fp16). With an output
         term, 'teacher_preds' (the teacher's raw head outputs, [B, na, h, w, 5 + nc] per level, no grad, in the
-        teacher's dtype), 'teacher_anchors' and 'temperature', and preds are tapped (distill/gradsink.py: the output
-        terms add their gradients into theirs in place). ComputeLoss takes them as loss(preds, targets, **inputs).
+        teacher's dtype), 'teacher_anchors' and 'temperature'. ComputeLoss takes them as loss(preds, targets,
+        **inputs).
         adapters_only: the imitation term trains the adapters alone (the student's features are detached before
         them): the adapter warm-up, so that a random adapter's gradient never reaches the student.
         """
@@ -337,8 +337,7 @@ class Distiller:
             inputs.update(student=adapted, teacher=teacher, mask=masks, level_weights=self.level_weights)
         else:
             preds = student(imgs)
-        if self.outputs:  # the output terms add their gradients into YOLOv5's loss gradient in place (gradsink)
-            preds = [tap(p) for p in preds]
+        if self.outputs:
             inputs.update(
                 teacher_preds=teacher_preds, teacher_anchors=self.teacher.model[-1].anchors,
                 temperature=self.kd_temperature,

@@ -19,6 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from distill.fast import use_fast_kernels
+
 # Sparse adapter when a level's masked share is below this, dense conv otherwise. Measured on CPU (2-core AMD EPYC,
 # 3x3 adapter 128 -> 256 channels on a [16, 40, 40] map; benchmarks/RESULTS.md, two sweeps): the sparse path costs
 # 0.42-0.47 of the dense conv at 30% of the cells, 0.82-0.84 at 60%, and breaks even at 79-85%. Re-measure on other
@@ -115,7 +117,7 @@ def sparse_conv(x: torch.Tensor, cells: torch.Tensor, weight: torch.Tensor, bias
     autograd composition of neighbourhoods and F.linear, which CUDA autocast handles.
     """
     cpu_fp32 = x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
-    if cpu_fp32 and len(cells):
+    if cpu_fp32 and len(cells) and use_fast_kernels():
         return _CellConv.apply(x, cells, weight, bias, _cpu_autocast_dtype() or torch.float32)
     rows = neighbourhoods(x, cells, weight.shape[-1])
     return F.linear(rows, _weight_matrix(weight).to(rows.dtype), None if bias is None else bias.to(rows.dtype))

@@ -32,7 +32,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from distill.gradsink import hand_over, read_rows, sink_of
+from distill.fast import use_fast_kernels
 from distill.loss import imitation_loss
 from utils.metrics import bbox_iou
 
@@ -164,8 +164,26 @@ def kd_term(
                 nc = s.shape[-1] - 5
                 values, rows = top
                 cls_weight = values.sigmoid() / (nc * weight_sum)
-            total = total + _LogitKL.apply(s, t, gain / len(t), rows, cls_weight, float(temperature))
+            level = _LogitKL.apply if use_fast_kernels() else _logit_kl_reference
+            total = total + level(s, t, gain / len(t), rows, cls_weight, float(temperature))
         return total.float()
+
+
+def _logit_kl_reference(s, t, obj_weight: float, rows, cls_weight, temperature: float) -> torch.Tensor:
+    """_LogitKL in plain autograd (the reference the fast kernel is tested against; distill.fast switches)."""
+    flat = s.reshape(-1, s.shape[-1])
+    loss = obj_weight * _bernoulli_kl_autograd(_wide(flat[:, 4]), _wide(t[:, 4]), temperature).sum()
+    if rows is not None:
+        kl = _bernoulli_kl_autograd(_wide(flat[rows, 5:]), _wide(t[rows, 5:]), temperature)
+        loss = loss + kl.sum(1) @ cls_weight
+    return loss * temperature**2
+
+
+def _bernoulli_kl_autograd(s: torch.Tensor, t: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(sigmoid(t / T) || sigmoid(s / T)) elementwise, differentiable in s: softplus(s') - softplus(t') - p (s' - t')
+    with the same clamps as _bernoulli_kl."""
+    s, t = (s / temperature).clamp(-1e4, 1e4), (t.detach() / temperature).clamp(-1e4, 1e4)
+    return (F.softplus(s) - F.softplus(t) - torch.sigmoid(t) * (s - t)).clamp(min=0)
 
 
 class _LogitKL(torch.autograd.Function):
@@ -175,10 +193,9 @@ class _LogitKL(torch.autograd.Function):
     rows [K] distinct anchor indices into n and cls_weight [K], or both None (no class part).
 
     Written out because autograd's composition of the same formula (slices, gathers, two BCEs, means) made a dozen
-    full-size passes in backward (benchmarks/RESULTS.md); here backward adds the objectness column and the K class
-    rows into a tapped s's gradient in place (distill/gradsink.py), or, for any other s, writes one full-size
-    gradient: zeros, the column, the rows. Computed in float32 (float64 stays float64) on the columns and rows read,
-    never on a full-size float copy of the output.
+    full-size passes in backward (benchmarks/RESULTS.md); here backward writes one full-size gradient: zeros, the
+    column, the rows. Computed in float32 (float64 stays float64) on the columns and rows read, never on a full-size
+    float copy of the output. The fast kernel of distill.fast; _logit_kl_reference is the same in plain autograd.
     """
 
     @staticmethod
@@ -192,7 +209,6 @@ class _LogitKL(torch.autograd.Function):
             loss = loss + kl.sum(1) @ cls_weight
         ctx.save_for_backward(diff_obj, diff_cls, rows, cls_weight)
         ctx.obj_weight, ctx.temperature, ctx.shape, ctx.dtype = obj_weight, temperature, s.shape, s.dtype
-        ctx.sink = sink_of(s)
         return loss * temperature**2
 
     @staticmethod
@@ -202,12 +218,12 @@ class _LogitKL(torch.autograd.Function):
         obj = diff_obj * (scale * ctx.obj_weight)
         cls = None if rows is None else diff_cls * (scale * cls_weight).unsqueeze(1)
 
-        def update(g: torch.Tensor) -> None:  # g: the output's gradient as [n, 5 + nc] rows
-            g[:, 4] += obj.to(g.dtype)
-            if cls is not None:
-                g[:, 5:].index_add_(0, rows, cls.to(g.dtype))
-
-        return hand_over(ctx.sink, update, ctx.shape, ctx.dtype, grad.device), None, None, None, None, None
+        out = torch.zeros(ctx.shape, dtype=ctx.dtype, device=grad.device)
+        g = out.view(-1, ctx.shape[-1])  # the output's gradient as [n, 5 + nc] rows
+        g[:, 4] += obj.to(g.dtype)
+        if cls is not None:
+            g[:, 5:].index_add_(0, rows, cls.to(g.dtype))
+        return out, None, None, None, None, None
 
 
 def _wide(x: torch.Tensor) -> torch.Tensor:
@@ -272,7 +288,7 @@ def box_kd_term(
             p = logits.sigmoid()
             weights.append(p * (p > min_obj))
             anchor = rows // (h * w) % na  # each row's anchor index
-            boxes.append((read_rows(s, rows, 4).double(), t[rows, :4].double()))
+            boxes.append((s.reshape(-1, no)[rows, :4].double(), t[rows, :4].double()))
             anchor_pairs.append((a_s.double()[anchor], a_t.double().to(s.device)[anchor]))
         # every level's rows at once (boxes in grid cells of their own level: CIoU compares each pair in its level);
         # CIoU in float64: in float32 1 + 1e-7 == 1, so a student box equal to the teacher's (a student started from
