@@ -445,9 +445,8 @@ def parse_opt(known: bool = False, args: list[str] | None = None) -> argparse.Na
     )
     for term in TERMS.values():  # --imitation-weight, --kd-weight, --box-kd-weight: one per distill/terms.py entry
         parser.add_argument(f"--{term.name.replace('_', '-')}-weight", type=float, default=None, help=term.help)
-    parser.add_argument(
-        "--kd-temperature", type=float, default=None, help="softening temperature T of --kd-weight (default: hyp 1.0)"
-    )
+        for setting in term.settings:  # and each term's own settings (--kd-temperature)
+            parser.add_argument(f"--{setting.name.replace('_', '-')}", type=float, default=None, help=setting.help)
     parser.add_argument(
         "--imitation-reduce", choices=REDUCTIONS, default=DEFAULT_REDUCTION,
         help="several imitated layers: their terms' mean (default), sum, or channel-weighted mean",

@@ -21,6 +21,7 @@ checkpoint); a finished checkpoint drops it (utils/checkpoint.strip_optimizer), 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Collection
 from pathlib import Path
@@ -34,14 +35,31 @@ from distill.loss import FeatureAdapters, feature_channels
 from distill.mask import BOXES, REGIONS
 from distill.sparse import default_max_share, gather_cells, masked_cells
 from distill.teacher import check_heads, load_teacher, match_layers, teacher_features, teacher_outputs
-from distill.terms import DEFAULT_REDUCTION, REDUCTIONS, TERMS, check_weight, level_weights
+from distill.terms import (
+    DEFAULT_REDUCTION,
+    FEATURE_INPUTS,
+    LOSS_INPUTS,
+    OUTPUT_INPUTS,
+    REDUCTIONS,
+    TERMS,
+    check_weight,
+    level_weights,
+    term_settings,
+)
 from utils.general import LOGGER, UserError, check_file, colorstr
 from utils.torch_utils import cpu_has_bf16_matmul, to_channels_last
 
 LayerSpec = Union[str, list[int], None]  # None: the default point, 'detect': Detect's inputs, or layer indices
-PRECISIONS = ("auto", "fp32", "bf16")
-# --kd-temperature's range: below 0.1 the soft targets are hard 0/1 labels, above 20 every probability is ~0.5
-KD_TEMPERATURES = (0.1, 20.0)  # --distill-precision: the teacher's and the adapters' on CPU
+PRECISIONS = ("auto", "fp32", "bf16")  # --distill-precision: the teacher's and the adapters' on CPU
+# What a run saved before an option existed trained with (--resume of an older checkpoint, an older opt.yaml)
+LEGACY_OPTIONS = {
+    "imitation_region": "fgfi",
+    "adapter_kernel": 3,
+    "imitation_reduce": "sum",  # the imitated layers' terms were summed
+    "imitation_boxes": "all",  # every level was masked with every box
+    "distill_precision": "fp32",  # teacher and adapters ran in float32
+    "adapter_warmup": 0.0,  # the adapters trained with the student from the first step
+}
 
 
 def parse_imitation_layers(value: LayerSpec | tuple) -> tuple[LayerSpec, LayerSpec]:
@@ -88,7 +106,7 @@ def check_settings(
     imitation_weight: float | None,
     adapter_kernel: int,
     weights: dict[str, float | None] | None = None,
-    kd_temperature: float | None = None,
+    settings: dict[str, float | None] | None = None,
     imitation_reduce: str | None = None,
     imitation_boxes: str | None = None,
     precision: str | None = None,
@@ -102,9 +120,13 @@ def check_settings(
         raise UserError(f"--imitation-weight {imitation_weight}: must be >= 0 and finite (0.01 in the paper)")
     for name, weight in (weights or {}).items():
         check_weight(name, weight)
-    if kd_temperature is not None and not (KD_TEMPERATURES[0] <= kd_temperature <= KD_TEMPERATURES[1]):
-        low, high = KD_TEMPERATURES
-        raise UserError(f"--kd-temperature {kd_temperature}: must be in [{low:g}, {high:g}] (1 = no softening)")
+    known = term_settings()
+    for name, value in (settings or {}).items():
+        if name not in known:
+            raise ValueError(f"unknown term setting {name!r}; the terms' settings are {list(known)}")
+        s = known[name]
+        if value is not None and not (math.isfinite(value) and s.low <= value <= s.high):
+            raise UserError(f"--{name.replace('_', '-')} {value}: must be in [{s.low:g}, {s.high:g}]")
     if imitation_reduce is not None and imitation_reduce not in REDUCTIONS:
         raise UserError(f"--imitation-reduce {imitation_reduce!r}: use one of {', '.join(REDUCTIONS)}")
     if imitation_boxes is not None and imitation_boxes not in BOXES:
@@ -113,6 +135,10 @@ def check_settings(
         raise UserError(f"--distill-precision {precision!r}: use one of {', '.join(PRECISIONS)}")
     if adapter_kernel < 1 or adapter_kernel % 2 == 0:
         raise UserError(f"--adapter-kernel {adapter_kernel}: use an odd size >= 1 (3 as in the paper, or 1)")
+
+
+def _all_settings() -> dict:
+    return term_settings()
 
 
 def resolve_cpu_bf16(precision: str, device: torch.device | str) -> bool:
@@ -141,7 +167,8 @@ class Distiller:
             there).
         weights: the other terms' weights, {name: weight} (distill.terms.TERMS, e.g. {"kd": 1.0, "box_kd": 0.05});
             missing ones are 0 (off).
-        kd_temperature: T of the output terms (distill.terms.kd_term).
+        term_settings: the terms' own settings by name (distill.terms.Setting: kd_temperature, ...); missing ones
+            take their defaults. kd_temperature: the same as term_settings={"kd_temperature": ...}.
         imitation_reduce: how several imitated layers' terms combine (distill.terms.level_weights): 'sum', 'mean' or
             'channel'; a single layer is the same under all three.
         imitation_boxes: which boxes make each level's mask: 'all' (the paper: every box on every level),
@@ -168,13 +195,14 @@ class Distiller:
         channels_last: bool = False,
         sparse_max_share: float | None = None,
         weights: dict[str, float] | None = None,
-        kd_temperature: float = 1.0,
+        kd_temperature: float | None = None,
         imitation_reduce: str = DEFAULT_REDUCTION,
         imitation_boxes: str = "auto",
         anchor_t: float = 4.0,
         precision: str = "auto",
         explicit: Collection[str] | None = None,
         adapter_warmup: float = 0.0,
+        term_settings: dict[str, float] | None = None,
     ):
         weights = {name: float((weights or {}).get(name, 0.0)) for name in TERMS if name != "imitation"}
         # terms the user asked for by flag: refused with one line where the teacher cannot serve them; the others
@@ -183,25 +211,24 @@ class Distiller:
         if not (math.isfinite(adapter_warmup) and adapter_warmup >= 0):
             raise UserError(f"--adapter-warmup {adapter_warmup}: must be a finite number of epochs >= 0")
         self.adapter_warmup = float(adapter_warmup)
+        given = dict(term_settings or {})
+        if kd_temperature is not None:
+            given["kd_temperature"] = kd_temperature
         check_settings(
-            iou_factor,
-            imitation_region,
-            imitation_weight,
-            adapter_kernel,
-            weights,
-            kd_temperature,
-            imitation_reduce,
-            imitation_boxes,
-            precision,
-        )
+            iou_factor, imitation_region, imitation_weight, adapter_kernel, weights, given, imitation_reduce,
+            imitation_boxes, precision,
+        )  # fmt: skip
+        # every term's settings, by name: the given ones, the others at their defaults
+        self.term_settings = {name: float(given.get(name, s.default)) for name, s in _all_settings().items()}
         self.iou_factor, self.imitation_region = float(iou_factor), str(imitation_region)
         self.imitation_weight, self.adapter_kernel = float(imitation_weight), int(adapter_kernel)
         self.weights = {"imitation": self.imitation_weight, **weights}
         # the terms switched on; with every weight 0, imitation at weight 0 (a control run, as before output terms)
         self.loss_weights = {k: w for k, w in self.weights.items() if w > 0} or {"imitation": self.imitation_weight}
-        self.imitate = "imitation" in self.loss_weights
+        self.imitate = any(TERMS[k].features for k in self.loss_weights)  # adapters and imitated features
         self.outputs = any(TERMS[k].outputs for k in self.loss_weights)  # the teacher's whole forward is needed
-        self.kd_temperature, self.imitation_reduce = float(kd_temperature), str(imitation_reduce)
+        self._check_inputs()
+        self.imitation_reduce = str(imitation_reduce)
         self.imitation_boxes, self.anchor_t = str(imitation_boxes), float(anchor_t)
         self.teacher_path = str(Path(check_file(teacher, "--ft_weights")).resolve())
         # CPU: bf16 teacher and adapter products where asked for or, by default, where the CPU has AMX
@@ -220,7 +247,7 @@ class Distiller:
         several = len(self.student_layers) > 1
         self.matched = self.imitation_boxes == "matched" or (self.imitation_boxes == "auto" and several)
         # the output terms compare the heads anchor by anchor; objectness and class also need the same anchor sizes
-        self.same_anchors = "kd" in self.loss_weights
+        self.same_anchors = any(TERMS[k].same_anchors for k in self.loss_weights)
         if self.outputs:
             try:
                 check_heads(self.teacher, student, self.teacher_path, same_anchors=False)
@@ -255,8 +282,9 @@ class Distiller:
             text += f", levels combined by {self.imitation_reduce}" if several else ""
             if several or self.matched:
                 text += f", {'matched' if self.matched else 'all'} boxes (--imitation-boxes {self.imitation_boxes})"
-        if self.outputs:
-            text += f"; output temperature {self.kd_temperature:g}"
+        own = [s for k in self.loss_weights for s in TERMS[k].settings]
+        if own:
+            text += "; " + ", ".join(f"{s.name} {self.term_settings[s.name]:g}" for s in own)
         if self.imitate and self.adapter_warmup:
             text += f"; adapters warm up alone for {self.adapter_warmup:g} epochs (--adapter-warmup)"
         if self.cpu_bf16:
@@ -269,9 +297,9 @@ class Distiller:
             self.weights[name] = 0.0
             self.loss_weights.pop(name, None)
         self.loss_weights = self.loss_weights or {"imitation": self.imitation_weight}
-        self.imitate = "imitation" in self.loss_weights
+        self.imitate = any(TERMS[k].features for k in self.loss_weights)
         self.outputs = any(TERMS[k].outputs for k in self.loss_weights)
-        self.same_anchors = "kd" in self.loss_weights
+        self.same_anchors = any(TERMS[k].same_anchors for k in self.loss_weights)
         terms = ", ".join(f"{k} {w:g}" for k, w in self.loss_weights.items())
         flags = " ".join(f"--{k.replace('_', '-')}-weight 0" for k in names)
         LOGGER.info(
@@ -293,10 +321,11 @@ class Distiller:
         try:
             check_heads(self.teacher, student, self.teacher_path, same_anchors=True)
         except UserError:
-            if "kd" in self.explicit:
+            if any(TERMS[k].same_anchors and k in self.explicit for k in self.loss_weights):
                 raise
-            # box_kd decodes each model's boxes with its own anchors: it stays; scores per anchor are not comparable
-            self._drop(["kd"], "the pretrained student's anchors differ from the teacher's; box_kd compares boxes")
+            # terms that compare scores anchor by anchor go; box_kd (decoded boxes, each with its own anchors) stays
+            names = [k for k in self.loss_weights if TERMS[k].same_anchors]
+            self._drop(names, "the pretrained student's anchors differ from the teacher's; box_kd compares boxes")
 
     def __call__(
         self, student: nn.Module, imgs: torch.Tensor, targets: torch.Tensor, adapters_only: bool = False
@@ -338,16 +367,35 @@ class Distiller:
         else:
             preds = student(imgs)
         if self.outputs:
-            inputs.update(
-                teacher_preds=teacher_preds, teacher_anchors=self.teacher.model[-1].anchors,
-                temperature=self.kd_temperature,
-            )  # fmt: skip
+            inputs.update(teacher_preds=teacher_preds, teacher_anchors=self.teacher.model[-1].anchors)
         return preds, inputs
+
+    def _provided_inputs(self) -> set[str]:
+        """The input keys a term's loss can read in this run: ComputeLoss's and what __call__ hands over."""
+        return {*LOSS_INPUTS, *(FEATURE_INPUTS if self.imitate else ()), *(OUTPUT_INPUTS if self.outputs else ())}
+
+    def _check_inputs(self) -> None:
+        """Every term switched on reads only inputs this run provides: a misspelt or unprovided input key is an error
+        here, not a term that is silently 0."""
+        provided = self._provided_inputs()
+        for name in self.loss_weights:
+            missing = [k for k in TERMS[name].inputs if k not in provided]
+            if missing:
+                raise ValueError(
+                    f"distillation term {name!r} reads {missing}, which are not provided; the inputs are "
+                    f"{sorted(provided)} (distill/terms.py: set outputs=True for the teacher's head, features=True "
+                    "for the imitated features)"
+                )
 
     @property
     def loss_terms(self) -> dict[str, tuple[float, Callable[..., torch.Tensor]]]:
         """The terms switched on, for ComputeLoss(terms=...): {name: (weight, loss function)}, in the table's order."""
-        return {name: (self.loss_weights[name], TERMS[name].loss) for name in TERMS if name in self.loss_weights}
+        terms = {}
+        for name in (n for n in TERMS if n in self.loss_weights):
+            term = TERMS[name]
+            own = {s.arg: self.term_settings[s.name] for s in term.settings}
+            terms[name] = (self.loss_weights[name], functools.partial(term.loss, **own) if own else term.loss)
+        return terms
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """Optimizer groups for the adapters, as YOLOv5 groups the student's: weights decayed, biases not and warmed
@@ -385,8 +433,8 @@ class Distiller:
             "iou_factor": self.iou_factor,
             "imitation_region": self.imitation_region,
             **{f"{name}_weight": w for name, w in self.weights.items()},
+            **self.term_settings,
             "adapter_kernel": self.adapter_kernel,
-            "kd_temperature": self.kd_temperature,
             "imitation_reduce": self.imitation_reduce,
             "imitation_boxes": self.imitation_boxes,
             "distill_precision": self.precision,
@@ -415,22 +463,12 @@ class Distiller:
     @staticmethod
     def options_from_state(state: dict) -> dict:
         """train.py options that rebuild this distillation on --resume (older checkpoints: only what they hold)."""
-        keys = (
-            "iou_factor",
-            "imitation_region",
-            "adapter_kernel",
-            "kd_temperature",
-            "imitation_reduce",
-            "imitation_boxes",
-            "distill_precision",
-            "adapter_warmup",
-        )
+        keys = ("iou_factor", "imitation_region", "adapter_kernel", "imitation_reduce", "imitation_boxes",
+                "distill_precision", "adapter_warmup", *_all_settings())  # fmt: skip
         keys += tuple(f"{name}_weight" for name in TERMS)
         opts = {k: state[k] for k in keys if k in state}
-        opts.setdefault("imitation_reduce", "sum")  # runs from before the choice summed their imitated layers
-        opts.setdefault("imitation_boxes", "all")  # and masked every level with every box
-        opts.setdefault("distill_precision", "fp32")  # and ran teacher and adapters in float32
-        opts.setdefault("adapter_warmup", 0.0)  # and trained the adapters with the student from the first step
+        for k, v in LEGACY_OPTIONS.items():  # what runs from before each option trained with
+            opts.setdefault(k, v)
         if state.get("distill_precision_asked") == "auto":  # resolved again for the machine that resumes
             opts["distill_precision"] = "auto"
         for name, term in TERMS.items():  # and had only the terms they name (output terms were off by default)

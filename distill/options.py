@@ -9,8 +9,8 @@ import argparse
 import torch
 from torch import nn
 
-from distill.distiller import Distiller, check_settings, parse_imitation_layers
-from distill.terms import TERMS, term_weights
+from distill.distiller import LEGACY_OPTIONS, Distiller, check_settings, parse_imitation_layers
+from distill.terms import TERMS, term_settings, term_weights
 from utils.general import LOGGER, UserError, check_range
 
 MAX_ADAPTER_KERNEL = 7  # an adapter conv of 9x9 and up costs many times the step for nothing the paper uses
@@ -19,17 +19,17 @@ MAX_ADAPTER_KERNEL = 7  # an adapter conv of 9x9 and up costs many times the ste
 def check_distill_options(opt: argparse.Namespace) -> None:
     """The distillation flags out of range: one line naming the flag (before any data or model is loaded); options of
     runs older than a flag get the value those runs trained with."""
-    opt.imitation_region = getattr(opt, "imitation_region", "fgfi")
-    opt.adapter_kernel = int(getattr(opt, "adapter_kernel", 3))
-    opt.imitation_boxes = getattr(opt, "imitation_boxes", "all")
-    opt.distill_precision = getattr(opt, "distill_precision", "fp32")
+    for k in ("imitation_region", "adapter_kernel", "imitation_boxes", "distill_precision"):
+        setattr(opt, k, getattr(opt, k, LEGACY_OPTIONS[k]))
+    opt.adapter_kernel = int(opt.adapter_kernel)
     check_range("--adapter-kernel", opt.adapter_kernel, 1, MAX_ADAPTER_KERNEL, hint="odd: 3 as in the paper, or 1")
     parse_imitation_layers(getattr(opt, "imitation_layers", None))
     weights = {name: getattr(opt, f"{name}_weight", None) for name in TERMS if name != "imitation"}
     if opt.ft_weights:
+        settings = {name: getattr(opt, name, None) for name in term_settings()}
         check_settings(
-            opt.iou_factor, opt.imitation_region, opt.imitation_weight, opt.adapter_kernel, weights,
-            getattr(opt, "kd_temperature", None), opt.imitation_reduce, opt.imitation_boxes, opt.distill_precision,
+            opt.iou_factor, opt.imitation_region, opt.imitation_weight, opt.adapter_kernel, weights, settings,
+            opt.imitation_reduce, opt.imitation_boxes, opt.distill_precision,
         )  # fmt: skip
         warmup = getattr(opt, "adapter_warmup", None)
         if warmup is not None:
@@ -41,14 +41,15 @@ def check_distill_options(opt: argparse.Namespace) -> None:
 
 
 def resolve_distill_options(opt: argparse.Namespace, hyp: dict) -> list[str]:
-    """Fill in the distillation options a command line left unset (None): each term's weight from its flag, else
-    the hyp file's key, else the table's default; the temperature from the hyp file; the adapter warm-up from the hyp
-    file's warmup_epochs. Returns the terms the user set by flag (the others may fall back, Distiller's explicit)."""
+    """Fill in the distillation options a command line left unset (None): each term's weight and each of its settings
+    from its flag, else the hyp file's key, else the table's default; the adapter warm-up from the hyp file's
+    warmup_epochs. Returns the terms the user set by flag (the others may fall back, Distiller's explicit)."""
     given = {name: getattr(opt, f"{name}_weight", None) for name in TERMS}
     for name, weight in term_weights(given, hyp).items():
         setattr(opt, f"{name}_weight", weight)
-    if getattr(opt, "kd_temperature", None) is None:
-        opt.kd_temperature = float(hyp.get("kd_temperature", 1.0))
+    for name, setting in term_settings().items():
+        if getattr(opt, name, None) is None:
+            setattr(opt, name, float(hyp.get(name, setting.default)))
     if getattr(opt, "adapter_warmup", None) is None:  # the adapters warm up alone over the lr warmup
         opt.adapter_warmup = float(hyp["warmup_epochs"])
     return [name for name, w in given.items() if w is not None]
@@ -69,7 +70,8 @@ def build_distiller(
         student, opt.ft_weights, device, imitation_layers=student_layers, teacher_layers=teacher_layers,
         iou_factor=opt.iou_factor, imitation_region=opt.imitation_region, imitation_weight=opt.imitation_weight,
         adapter_kernel=opt.adapter_kernel, channels_last=opt.channels_last,
-        weights={name: getattr(opt, f"{name}_weight") for name in TERMS}, kd_temperature=opt.kd_temperature,
+        weights={name: getattr(opt, f"{name}_weight") for name in TERMS},
+        term_settings={name: getattr(opt, name) for name in term_settings()},
         imitation_reduce=opt.imitation_reduce, imitation_boxes=opt.imitation_boxes, anchor_t=hyp["anchor_t"],
         precision=opt.distill_precision, explicit=explicit, adapter_warmup=opt.adapter_warmup,
     )  # fmt: skip

@@ -13,7 +13,7 @@ The inputs every term receives (keyword arguments; a term reads what it needs an
         layer (Distiller; see imitation_term), and level_weights, how the imitated layers' terms are combined
     teacher_preds, teacher_anchors: the teacher's raw head outputs and anchors, of the student's shapes (only when an
         output term is on: the teacher then runs its whole forward)
-    temperature: the output terms' softening temperature T (--kd-temperature)
+A term's own settings (kd's temperature) reach its loss as keywords (Term.settings, Setting.arg).
 A term whose inputs are absent (validation: no teacher) is 0.
 
 Output distillation follows Mehta & Ozturk (2018, "Object detection at 200 Frames Per Second"): the teacher's class and
@@ -38,15 +38,42 @@ from utils.metrics import bbox_iou
 
 
 @dataclass(frozen=True)
+class Setting:
+    """A setting of its own that a term's loss takes (a temperature, a ratio): flag --{name with '-'}, hyp-file key
+    {name}, saved in the checkpoint and restored by --resume; the loss receives it as the keyword `arg`.
+
+    default: its value when neither the flag nor the hyp file gives one; low, high: the range a value must lie in.
+    """
+
+    name: str
+    arg: str
+    default: float
+    low: float
+    high: float
+    help: str
+
+
+# The inputs a term may read: ComputeLoss's own (the student's head) and the Distiller's (distill/distiller.py)
+LOSS_INPUTS = ("preds", "anchors", "balance")
+FEATURE_INPUTS = ("student", "teacher", "mask", "level_weights")  # with feature imitation (adapters)
+OUTPUT_INPUTS = ("teacher_preds", "teacher_anchors")  # with the teacher's whole forward (outputs=True)
+
+
+@dataclass(frozen=True)
 class Term:
-    """One distillation term.
+    """One distillation term: everything the rest of the code needs to know about it.
 
     name: loss-dict key, hyp-file key of its weight, results.csv column train/{name}_loss, flag --{name}-weight
-    loss: loss(**inputs) -> unweighted 0-dim float32 loss (inputs: see the module docstring)
+    loss: loss(**inputs, **settings) -> unweighted 0-dim float32 loss (inputs: see the module docstring)
     default: weight when neither the flag nor the hyp file gives one (0: off)
     outputs: reads the teacher's head outputs (its whole forward runs), not only its features
     label: progress-bar field ({label}_loss, at most 6 characters)
     help: the flag's help text
+    inputs: the input keys loss reads; the Distiller checks each is provided (a misspelt one is an error, not a 0)
+    settings: its own settings (Setting), each a flag, a hyp key and part of the checkpoint
+    features: needs the imitated features (the Distiller then builds adapters)
+    same_anchors: compares scores anchor by anchor, so needs the teacher's anchor sizes (a student from scratch
+        takes them; with a pretrained student whose anchors differ the term is dropped or refused)
     """
 
     name: str
@@ -55,6 +82,10 @@ class Term:
     outputs: bool
     label: str
     help: str
+    inputs: tuple[str, ...] = ("preds",)
+    settings: tuple[Setting, ...] = ()
+    features: bool = False
+    same_anchors: bool = False
 
 
 def imitation_term(
@@ -321,19 +352,31 @@ TERMS: dict[str, Term] = {
         Term(
             "imitation", imitation_term, 0.01, False, "imit",
             "FGFI imitation loss gain (default: hyp 'imitation', 0.01 as in the paper)",
+            inputs=FEATURE_INPUTS, features=True,
         ),
         Term(
             "kd", kd_term, 1.0, True, "kd",
             "objectness + class output distillation gain, objectness-scaled (default: hyp 'kd', 1.0; on when the "
             "teacher's head matches the student's, 0 = off)",
+            inputs=("preds", "teacher_preds", "balance"), same_anchors=True,
+            settings=(Setting(
+                "kd_temperature", "temperature", 1.0, 0.1, 20.0,
+                "softening temperature T of --kd-weight, in [0.1, 20] (default: hyp 'kd_temperature', 1.0)",
+            ),),
         ),
         Term(
             "box_kd", box_kd_term, 0.05, True, "boxkd",
             "box output distillation gain, where the teacher is confident (default: hyp 'box_kd', 0.05; on when the "
             "teacher's head matches the student's, 0 = off)",
+            inputs=("preds", "anchors", "teacher_preds", "teacher_anchors"),
         ),
     )
 }  # fmt: skip
+
+
+def term_settings() -> dict[str, Setting]:
+    """Every term's settings by name (their flags and hyp keys), in the table's order."""
+    return {s.name: s for term in TERMS.values() for s in term.settings}
 
 
 def term_weights(given: dict[str, float | None], hyp: dict) -> dict[str, float]:

@@ -10,8 +10,10 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 
 import train
+import val
 from distill import BOXES, Distiller, check_heads
 from distill.loss import imitation_loss
 from distill.terms import (
@@ -25,6 +27,8 @@ from distill.terms import (
     top_anchors,
 )
 from models.yolo import DetectionModel
+from tests.test_train import _Interrupt, _interrupt_after_first_epoch
+from utils.checkpoint import load_checkpoint
 from utils.general import UserError, yaml_load
 from utils.loss import ComputeLoss
 
@@ -450,23 +454,63 @@ def test_imitation_boxes_auto_is_matched_with_several_layers_and_all_with_one(te
 
 
 def test_a_new_term_is_one_table_entry(tmp_path, tiny_data, teacher_pt, monkeypatch):
-    """A dummy term added to TERMS gets its flag, its hyp default, its loss-dict key and its own results.csv column,
-    with train.py, utils/results.py and the progress bar untouched."""
+    """A dummy term with a setting of its own, added to TERMS alone: its weight flag and hyp default, its setting's
+    flag, hyp key and range, its loss-dict key and results.csv column, the setting passed to its loss, saved in the
+    checkpoint and restored by --resume; train.py, distill/options.py, utils/ and the progress bar untouched."""
+    from distill.terms import Setting
 
-    def dummy(preds=None, **_):
-        return torch.zeros((), device=preds[0].device) + 0.25 if preds is not None else torch.zeros(())
+    def dummy(preds=None, scale=1.0, **_):
+        return torch.zeros((), device=preds[0].device) + 0.25 * scale
 
-    monkeypatch.setitem(TERMS, "dummy", Term("dummy", dummy, 0.5, False, "dummy", "a test term"))
-    assert train.parse_opt(True, args=["--dummy-weight", "2"]).dummy_weight == 2.0
-    train.run(
-        data=str(tiny_data), cfg="yolov5n.yaml", ft_weights=str(teacher_pt), epochs=1, imgsz=64, batch_size=8,
-        device="cpu", workers=0, noplots=True, project=str(tmp_path), name="dummy", hyp=HYP,
-    )  # fmt: skip
+    setting = Setting("dummy_scale", "scale", 2.0, 0.0, 10.0, "the dummy's scale")
+    monkeypatch.setitem(TERMS, "dummy", Term("dummy", dummy, 0.5, False, "dummy", "a test term", settings=(setting,)))
+    opt = train.parse_opt(True, args=["--dummy-weight", "2", "--dummy-scale", "3"])
+    assert (opt.dummy_weight, opt.dummy_scale) == (2.0, 3.0)
+    hyp = yaml_load(HYP) | {"dummy_scale": 4.0}
+    (tmp_path / "hyp.yaml").write_text(yaml.safe_dump(hyp))
+    with pytest.raises(UserError, match=r"--dummy-scale 11.0: must be in \[0, 10\]"):
+        train.run(data=str(tiny_data), cfg="yolov5n.yaml", ft_weights=str(teacher_pt), dummy_scale=11.0)
+    common = dict(data=str(tiny_data), cfg="yolov5n.yaml", imgsz=64, batch_size=8, device="cpu", workers=0,
+                  noplots=True, project=str(tmp_path), hyp=str(tmp_path / "hyp.yaml"))  # fmt: skip
+    _interrupt_after_first_epoch(monkeypatch)
+    with pytest.raises(_Interrupt):
+        train.run(ft_weights=str(teacher_pt), epochs=2, name="dummy", **common)
     df = pd.read_csv(tmp_path / "dummy/results.csv", skipinitialspace=True)
     df.columns = [c.strip() for c in df.columns]
-    assert df["train/dummy_loss"].tolist() == pytest.approx([0.5 * 0.25])  # the table's default weight
+    assert df["train/dummy_loss"].tolist() == pytest.approx([0.5 * 0.25 * 4.0])  # table weight, the hyp file's scale
     assert "val/dummy_loss" not in df.columns and "val/imitation_loss" not in df.columns
-    assert yaml_load(tmp_path / "dummy/opt.yaml")["dummy_weight"] == 0.5
+    assert yaml_load(tmp_path / "dummy/opt.yaml")["dummy_scale"] == 4.0
+    state = load_checkpoint(tmp_path / "dummy/weights/last.pt")["distill"]
+    assert (state["dummy_weight"], state["dummy_scale"]) == (0.5, 4.0)
+    seen = []
+    real = Distiller.__init__
+
+    def recording(self, *args, **kwargs):
+        real(self, *args, **kwargs)
+        seen.append(self.term_settings["dummy_scale"])
+
+    monkeypatch.setattr(Distiller, "__init__", recording)
+    monkeypatch.setattr(train.validate, "run", val.run)
+    train.run(resume=str(tmp_path / "dummy/weights/last.pt"))
+    assert seen == [4.0]  # from the checkpoint, not the table's default
+    df = pd.read_csv(tmp_path / "dummy/results.csv", skipinitialspace=True)
+    assert len(df) == 2
+
+
+def test_a_term_with_a_misspelt_input_fails_loudly(teacher_pt, monkeypatch):
+    def misspelt(preds=None, teacher_pred=None, **_):  # 'teacher_pred': the Distiller provides 'teacher_preds'
+        return torch.zeros(())
+
+    monkeypatch.setitem(
+        TERMS, "typo", Term("typo", misspelt, 1.0, True, "typo", "a term", inputs=("preds", "teacher_pred"))
+    )
+    student = DetectionModel("yolov5n.yaml", nc=8)
+    with pytest.raises(ValueError, match=r"'typo' reads \['teacher_pred'\], which are not provided"):
+        Distiller(student, teacher_pt, "cpu", weights={"typo": 1.0})
+    # an output term that forgot outputs=True asks for the teacher's head without getting it: the same error
+    monkeypatch.setitem(TERMS, "typo", Term("typo", misspelt, 1.0, False, "typo", "a term", inputs=("teacher_preds",)))
+    with pytest.raises(ValueError, match="set outputs=True"):
+        Distiller(student, teacher_pt, "cpu", imitation_weight=0.0, weights={"typo": 1.0})
 
 
 def test_output_flags_are_checked(tmp_path, tiny_data, teacher_pt):

@@ -197,7 +197,7 @@ def test_output_distillation_end_to_end_and_resume(tmp_path, tiny_data, monkeypa
 
     def recording_init(self, *args, **kw):
         real_init(self, *args, **kw)
-        weights.append((dict(self.loss_weights), self.kd_temperature))
+        weights.append((dict(self.loss_weights), self.term_settings["kd_temperature"]))
 
     monkeypatch.setattr(distill.distiller.Distiller, "__init__", recording_init)
     train.run(resume=str(last))
