@@ -79,6 +79,10 @@ OUTPUT_ARMS = {
     "fgfi": {"kd_weight": 0.0, "box_kd_weight": 0.0},  # FGFI alone (the paper's method; see _FGFI_ONLY below)
     "kd": {**KD, "imitation_weight": 0.0},  # output terms alone: no feature imitation
     "fgfi+kd": KD,  # = the default recipe, with its weights named (no fallback where the head differs)
+    # without --distill-balance: the output terms at their weights whatever their gradient against the detection loss
+    "default-nobal": {"distill_balance": False},
+    "kd-nobal": {**KD, "imitation_weight": 0.0, "distill_balance": False},
+    "fgfi+kd-nobal": {**KD, "distill_balance": False},
 }
 ALL_BOXES = {"imitation_boxes": "all"}
 ABLATION_ARMS = {

@@ -236,7 +236,12 @@ def train(hyp: dict | str, opt: argparse.Namespace, device: torch.device) -> tup
         stopper.best_fitness, stopper.best_epoch = state["stopper"]
     elif resume:
         LOGGER.info(f"{weights} holds no RNG states (YOLOv5 or an older version): the resumed run is not exact")
-    compute_loss = ComputeLoss(model, hyp, terms=distiller.loss_terms if distiller else None)
+    compute_loss = ComputeLoss(
+        model,
+        hyp,
+        terms=distiller.loss_terms if distiller else None,
+        balanced=distiller.balanced_terms if distiller else (),
+    )
     loss_names = compute_loss.names
     # iterations in which imitation trains the adapters alone: by default the lr warmup's (same rule as nw)
     adapter_warmup = max(round(distiller.adapter_warmup * nb), 100) if distiller and distiller.adapter_warmup else 0
@@ -467,6 +472,11 @@ def parse_opt(known: bool = False, args: list[str] | None = None) -> argparse.Na
         help="where to imitate: fgfi (anchor-IoU mask), gtbox (inside GT boxes), full (whole map)",
     )  # fmt: skip
     parser.add_argument("--adapter-kernel", type=int, default=3, help="adapter conv size: 3 (paper) or 1 (cheaper)")
+    parser.add_argument(
+        "--distill-balance", action=argparse.BooleanOptionalAction, default=True,
+        help="hold the output terms' gradient at the head outputs at most as large as the detection loss's, batch by "
+        "batch (default on; --no-distill-balance: the terms at their weights as they are)",
+    )  # fmt: skip
     parser.add_argument(
         "--adapter-warmup", type=float, default=None,
         help="epochs in which the imitation term trains the adapters alone, before its gradient reaches the student "

@@ -59,6 +59,7 @@ LEGACY_OPTIONS = {
     "imitation_boxes": "all",  # every level was masked with every box
     "distill_precision": "fp32",  # teacher and adapters ran in float32
     "adapter_warmup": 0.0,  # the adapters trained with the student from the first step
+    "distill_balance": False,  # the output terms' gradient was not held to the detection loss's
 }
 
 
@@ -167,6 +168,8 @@ class Distiller:
             there).
         weights: the other terms' weights, {name: weight} (distill.terms.TERMS, e.g. {"kd": 1.0, "box_kd": 0.05});
             missing ones are 0 (off).
+        balance: hold the output terms' gradient at the head outputs, batch by batch, at most as large as the
+            detection loss's (ComputeLoss(balanced=...); --distill-balance).
         term_settings: the terms' own settings by name (distill.terms.Setting: kd_temperature, ...); missing ones
             take their defaults. kd_temperature: the same as term_settings={"kd_temperature": ...}.
         imitation_reduce: how several imitated layers' terms combine (distill.terms.level_weights): 'sum', 'mean' or
@@ -203,6 +206,7 @@ class Distiller:
         explicit: Collection[str] | None = None,
         adapter_warmup: float = 0.0,
         term_settings: dict[str, float] | None = None,
+        balance: bool = True,
     ):
         weights = {name: float((weights or {}).get(name, 0.0)) for name in TERMS if name != "imitation"}
         # terms the user asked for by flag: refused with one line where the teacher cannot serve them; the others
@@ -211,6 +215,7 @@ class Distiller:
         if not (math.isfinite(adapter_warmup) and adapter_warmup >= 0):
             raise UserError(f"--adapter-warmup {adapter_warmup}: must be a finite number of epochs >= 0")
         self.adapter_warmup = float(adapter_warmup)
+        self.balance = bool(balance)
         given = dict(term_settings or {})
         if kd_temperature is not None:
             given["kd_temperature"] = kd_temperature
@@ -285,6 +290,8 @@ class Distiller:
         own = [s for k in self.loss_weights for s in TERMS[k].settings]
         if own:
             text += "; " + ", ".join(f"{s.name} {self.term_settings[s.name]:g}" for s in own)
+        if self.outputs and self.balance:
+            text += "; output terms' gradient held at most the detection loss's (--no-distill-balance: off)"
         if self.imitate and self.adapter_warmup:
             text += f"; adapters warm up alone for {self.adapter_warmup:g} epochs (--adapter-warmup)"
         if self.cpu_bf16:
@@ -388,6 +395,11 @@ class Distiller:
                 )
 
     @property
+    def balanced_terms(self) -> list[str]:
+        """The terms ComputeLoss balances against the detection loss (balance): the output terms switched on."""
+        return [k for k in self.loss_weights if TERMS[k].outputs] if self.balance else []
+
+    @property
     def loss_terms(self) -> dict[str, tuple[float, Callable[..., torch.Tensor]]]:
         """The terms switched on, for ComputeLoss(terms=...): {name: (weight, loss function)}, in the table's order."""
         terms = {}
@@ -440,6 +452,7 @@ class Distiller:
             "distill_precision": self.precision,
             "distill_precision_asked": self.precision_asked,
             "adapter_warmup": self.adapter_warmup,
+            "distill_balance": self.balance,
         }
 
     def state_dict(self) -> dict:
@@ -464,7 +477,7 @@ class Distiller:
     def options_from_state(state: dict) -> dict:
         """train.py options that rebuild this distillation on --resume (older checkpoints: only what they hold)."""
         keys = ("iou_factor", "imitation_region", "adapter_kernel", "imitation_reduce", "imitation_boxes",
-                "distill_precision", "adapter_warmup", *_all_settings())  # fmt: skip
+                "distill_precision", "adapter_warmup", "distill_balance", *_all_settings())  # fmt: skip
         keys += tuple(f"{name}_weight" for name in TERMS)
         opts = {k: state[k] for k in keys if k in state}
         for k, v in LEGACY_OPTIONS.items():  # what runs from before each option trained with

@@ -74,6 +74,7 @@ def build_distiller(
         term_settings={name: getattr(opt, name) for name in term_settings()},
         imitation_reduce=opt.imitation_reduce, imitation_boxes=opt.imitation_boxes, anchor_t=hyp["anchor_t"],
         precision=opt.distill_precision, explicit=explicit, adapter_warmup=opt.adapter_warmup,
+        balance=getattr(opt, "distill_balance", LEGACY_OPTIONS["distill_balance"]),
     )  # fmt: skip
     if resume_state:
         distiller.load_state_dict(resume_state)

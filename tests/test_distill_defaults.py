@@ -149,3 +149,43 @@ def test_resume_resolves_auto_precision_again_and_says_so(teacher_pt, log_lines)
     distiller = build_distiller(opt, student, torch.device("cpu"), hyp, explicit, resume_state=state)
     assert distiller.precision == here
     assert any(f"trained its teacher and adapters in {there}" in line and "not bit-exact" in line for line in log_lines)
+
+
+def head_grad_norm(loss, preds) -> float:
+    grads = torch.autograd.grad(loss, preds, retain_graph=True, allow_unused=True)
+    return float(torch.stack([g.pow(2).sum() for g in grads if g is not None]).sum().sqrt())
+
+
+@pytest.mark.parametrize("kd_weight, scaled", [(100.0, True), (1e-6, False)])
+def test_balance_holds_the_output_terms_gradient_to_the_detection_loss(teacher_pt, kd_weight, scaled):
+    """--distill-balance (default): the output terms' joint gradient at the head outputs is at most the detection
+    loss's; a term already below it is left as it is; FGFI (which does not reach the head outputs) is untouched."""
+    from utils.loss import ComputeLoss
+
+    imgs, targets = fixed_batch()
+    student = DetectionModel("yolov5n.yaml", nc=8).train()
+    distiller = Distiller(student, teacher_pt, "cpu", weights={"kd": kd_weight, "box_kd": 0.05}, precision="fp32")
+    assert distiller.balanced_terms == ["kd", "box_kd"]
+    preds, inputs = distiller(student, imgs, targets)
+    hyp = yaml_load(HYP)
+    _, plain = ComputeLoss(student, hyp, terms=distiller.loss_terms)(preds, targets, **inputs)
+    loss_fn = ComputeLoss(student, hyp, terms=distiller.loss_terms, balanced=distiller.balanced_terms)
+    _, items = loss_fn(preds, targets, **inputs)
+    # the two gradients at the head outputs, by hand: the factor is the ratio of their norms, capped at 1
+    plain_fn = ComputeLoss(student, hyp)
+    extra = dict(preds=preds, anchors=student.model[-1].anchors, balance=plain_fn.balance, **inputs)
+    out = sum(w * fn(**extra) for name, (w, fn) in distiller.loss_terms.items() if name != "imitation")
+    ratio = head_grad_norm(out, preds) / head_grad_norm(_graph_detection(plain_fn, preds, targets), preds)
+    factor = float(items["kd"] / plain["kd"])
+    if scaled:
+        assert ratio > 1 and factor == pytest.approx(1 / ratio, rel=1e-4)
+        assert float(items["box_kd"]) == pytest.approx(float(plain["box_kd"]) * factor, rel=1e-5, abs=1e-12)
+    else:
+        assert ratio < 1 and factor == 1.0
+    assert items["imitation"] == plain["imitation"]
+
+
+def _graph_detection(loss_fn, preds, targets):
+    """box + obj + cls with their graph (ComputeLoss returns its items detached; the total is (sum) * B)."""
+    total, _ = loss_fn(preds, targets)
+    return total / preds[0].shape[0]

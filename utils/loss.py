@@ -8,7 +8,7 @@ knows none of them and adding one changes no list here.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import torch
 import torch.nn as nn
@@ -72,6 +72,10 @@ class ComputeLoss:
         terms: the distillation terms to add, {name: (weight, loss)} in logging order, loss(**inputs) -> 0-dim
             (e.g. {"imitation": (0.01, distill.terms.imitation_term)}: FGFI; Distiller.loss_terms gives a run's);
             each adds weight * loss to the total and is its own item.
+        balanced: names among terms whose joint gradient with respect to the head outputs is held, batch by batch, at
+            most as large (L2 norm over every level) as the detection loss's: their items are multiplied by
+            min(1, |d det / d preds| / |d terms / d preds|), a factor without gradient. An output term of a weak
+            teacher (or at a weight too high for the data) then cannot drown the detection loss's own gradient.
     """
 
     sort_obj_iou = False  # YOLOv5 default: no sorting, so overlapping targets in a cell write in target order
@@ -82,6 +86,7 @@ class ComputeLoss:
         hyp: dict,
         autobalance: bool = False,
         terms: dict[str, tuple[float, Callable[..., torch.Tensor]]] | None = None,
+        balanced: Collection[str] = (),
     ):
         device = next(model.parameters()).device
         h = hyp
@@ -101,6 +106,7 @@ class ComputeLoss:
         self.anchors = m.anchors  # [nl, na, 2] grid cells; shared with Detect, so AutoAnchor updates reach us
         self.device = device
         self.terms = {name: (float(weight), loss) for name, (weight, loss) in (terms or {}).items()}
+        self.balanced = tuple(name for name in self.terms if name in set(balanced))
         clash = set(self.terms) & set(self.detection_names)
         if clash:
             raise ValueError(f"ComputeLoss: distillation terms may not be named {sorted(clash)}")
@@ -174,6 +180,10 @@ class ComputeLoss:
             inputs = dict(preds=p, anchors=self.anchors, balance=self.balance, **distill)
             for name, (weight, loss) in self.terms.items():
                 items[name] = weight * loss(**inputs).to(self.device)
+            if self.balanced and torch.is_grad_enabled() and p[0].requires_grad:
+                scale = _balance(items["box"] + items["obj"] + items["cls"], [items[k] for k in self.balanced], p)
+                for name in self.balanced:
+                    items[name] = items[name] * scale
         bs = p[0].shape[0]
         return sum(items.values()) * bs, {k: v.detach() for k, v in items.items()}
 
@@ -231,3 +241,20 @@ class ComputeLoss:
             tcls.append(c)
 
         return tcls, tbox, indices, anch
+
+
+def _balance(detection: torch.Tensor, terms: list[torch.Tensor], preds: list[torch.Tensor]) -> torch.Tensor:
+    """min(1, |d detection / d preds| / |d sum(terms) / d preds|) as a 0-dim tensor without gradient (1 where the terms
+    do not reach preds). Two backward passes through the loss functions only, not through the network."""
+    total = sum(terms)
+    if not total.requires_grad:
+        return torch.ones((), device=detection.device)
+    g_det = torch.autograd.grad(detection, preds, retain_graph=True, allow_unused=True)
+    g_out = torch.autograd.grad(total, preds, retain_graph=True, allow_unused=True)
+    norm_det, norm_out = (_norm(g) for g in (g_det, g_out))
+    return torch.where(norm_out > 0, (norm_det / norm_out.clamp(min=1e-12)).clamp(max=1), torch.ones_like(norm_out))
+
+
+def _norm(grads) -> torch.Tensor:
+    squares = [g.float().pow(2).sum() for g in grads if g is not None]
+    return torch.stack(squares).sum().sqrt() if squares else torch.zeros(())
