@@ -146,8 +146,10 @@ def run(
         raise UserError(f"--source {source}: webcams, streams, URLs and screenshots are not supported; "
                         "pass an image, video, directory, glob or .txt list of paths")  # fmt: skip
     sizes = [imgsz] if isinstance(imgsz, int) else list(imgsz)
-    if not sizes or len(sizes) > 2 or min(sizes) < 1:
+    if not sizes or len(sizes) > 2:
         raise UserError(f"--imgsz {' '.join(map(str, sizes))}: give one size or height and width, each >= 1 pixel")
+    if min(sizes) < 1:
+        raise UserError(f"--imgsz {' '.join(map(str, sizes))}: must be >= 1 pixel (rounded up to the model stride)")
     check_range("--conf-thres", conf_thres, 0, 1)
     check_range("--iou-thres", iou_thres, 0, 1)
     if vid_stride < 1:

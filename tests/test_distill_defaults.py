@@ -6,6 +6,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 import torch
+import yaml
 
 import train
 from distill import Distiller
@@ -26,14 +27,16 @@ def fixed_batch(n: int = 2, size: int = 64) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def default_weights() -> dict[str, float]:
-    """The weights train.py gives the terms when no flag is set: the hyp file's (or the table's) defaults."""
-    return term_weights({}, yaml_load(HYP))
+    """The weights train.py gives the terms when a hyp file switches the output terms on (no flag set): these may
+    fall back where the teacher cannot serve them."""
+    return term_weights({}, {**yaml_load(HYP), "kd": 1.0, "box_kd": 0.05})
 
 
-def test_default_recipe_is_fgfi_plus_output_terms_in_every_hyp_file():
+def test_default_recipe_is_fgfi_alone_in_every_hyp_file():
+    """Measured (docs/results.md): on BCCD fine-tuning the output terms cost the student more than FGFI alone."""
     for hyp in sorted((ROOT / "data/hyps").glob("*.yaml")):
-        assert term_weights({}, yaml_load(hyp)) == {"imitation": 0.01, "kd": 1.0, "box_kd": 0.05}, hyp.name
-    assert {name: term.default for name, term in TERMS.items()} == {"imitation": 0.01, "kd": 1.0, "box_kd": 0.05}
+        assert term_weights({}, yaml_load(hyp)) == {"imitation": 0.01, "kd": 0.0, "box_kd": 0.0}, hyp.name
+    assert {name: term.default for name, term in TERMS.items()} == {"imitation": 0.01, "kd": 0.0, "box_kd": 0.0}
 
 
 def test_matching_teacher_gets_every_default_term(teacher_pt, log_lines):
@@ -102,12 +105,14 @@ def test_clip_gradients_clips_each_group_on_its_own():
 
 
 def test_train_py_names_the_terms_at_start_and_resume_keeps_the_warmup(tmp_path, tiny_data, teacher_pt, log_lines):
-    """--ft_weights alone: one line naming every term and its weight; the warm-up (hyp warmup_epochs) is saved in
-    opt.yaml and in the checkpoint, and each term logs its own column."""
+    """--ft_weights with the output terms on in the hyp file: one line naming every term and its weight; the warm-up
+    (hyp warmup_epochs) is saved in opt.yaml and in the checkpoint, and each term logs its own column."""
+    hyp = tmp_path / "hyp.kd.yaml"
+    hyp.write_text(yaml.safe_dump({**yaml_load(HYP), "kd": 1.0, "box_kd": 0.05}))
     train.run(
         data=str(tiny_data), cfg="yolov5n.yaml", ft_weights=str(teacher_pt), epochs=1, imgsz=64, batch_size=8,
         device="cpu", workers=0, noplots=True, noautoanchor=True, project=str(tmp_path), name="d", exist_ok=True,
-        hyp=str(HYP),
+        hyp=str(hyp),
     )  # fmt: skip
     assert any("terms imitation 0.01, kd 1, box_kd 0.05" in line for line in log_lines)
     assert any("adapters warm up alone for 3 epochs" in line for line in log_lines)  # scratch-low: 3 warmup epochs

@@ -11,6 +11,7 @@ import torch
 import distill.distiller
 import train
 import val
+from distill.distiller import parse_imitation_layers
 from distill.sparse import default_max_share
 from models.yolo import DetectionModel
 from utils.checkpoint import attempt_load, load_checkpoint
@@ -173,7 +174,7 @@ def test_bad_flags_give_one_line_errors(tmp_path, tiny_data):
             **COMMON,
         )
     with pytest.raises(UserError, match="--imitation-layers"):
-        train.parse_imitation_layers("sixteen")
+        parse_imitation_layers("sixteen")
 
 
 def test_output_distillation_end_to_end_and_resume(tmp_path, tiny_data, monkeypatch):
