@@ -80,7 +80,6 @@ OUTPUT_ARMS = {
     "kd": {**KD, "imitation_weight": 0.0},  # output terms alone: no feature imitation
     "fgfi+kd": KD,  # FGFI and both output terms (balanced: --distill-balance)
     # without --distill-balance: the output terms at their weights whatever their gradient against the detection loss
-    "default-nobal": {"distill_balance": False},
     "kd-nobal": {**KD, "imitation_weight": 0.0, "distill_balance": False},
     "fgfi+kd-nobal": {**KD, "distill_balance": False},
 }
