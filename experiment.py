@@ -74,11 +74,11 @@ TEACHER_RECIPE = dict(
 KD = {"kd_weight": 1.0, "box_kd_weight": 0.05}
 
 # Arms: train.run overrides on top of distillation from the teacher; None = the student alone
-MAIN_ARMS = {"student": None, "default": {}}  # default: what --ft_weights alone gives (FGFI alone)
+MAIN_ARMS = {"student": None, "default": {}}  # default: what --ft_weights alone gives (FGFI + kd + box_kd)
 OUTPUT_ARMS = {
-    "fgfi": {"kd_weight": 0.0, "box_kd_weight": 0.0},  # FGFI alone, named (= default; FGFI variants below alike)
+    "fgfi": {"kd_weight": 0.0, "box_kd_weight": 0.0},  # FGFI alone, the paper's method (FGFI variants below alike)
     "kd": {**KD, "imitation_weight": 0.0},  # output terms alone: no feature imitation
-    "fgfi+kd": KD,  # FGFI and both output terms (balanced: --distill-balance)
+    "fgfi+kd": KD,  # the default recipe's terms, named (no fallback where the teacher's head differs)
     # without --distill-balance: the output terms at their weights whatever their gradient against the detection loss
     "kd-nobal": {**KD, "imitation_weight": 0.0, "distill_balance": False},
     "fgfi+kd-nobal": {**KD, "distill_balance": False},

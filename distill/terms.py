@@ -355,9 +355,9 @@ TERMS: dict[str, Term] = {
             inputs=FEATURE_INPUTS, features=True,
         ),
         Term(
-            "kd", kd_term, 0.0, True, "kd",
-            "objectness + class output distillation gain, objectness-scaled (default: hyp 'kd', 0 = off; 1.0 helps a "
-            "from-scratch student of a much stronger teacher, see docs/results.md)",
+            "kd", kd_term, 1.0, True, "kd",
+            "objectness + class output distillation gain, objectness-scaled (default: hyp 'kd', 1.0; on when the "
+            "teacher's head matches the student's, 0 = off)",
             inputs=("preds", "teacher_preds", "balance"), same_anchors=True,
             settings=(Setting(
                 "kd_temperature", "temperature", 1.0, 0.1, 20.0,
@@ -365,9 +365,9 @@ TERMS: dict[str, Term] = {
             ),),
         ),
         Term(
-            "box_kd", box_kd_term, 0.0, True, "boxkd",
-            "box output distillation gain, where the teacher is confident (default: hyp 'box_kd', 0 = off; 0.05 "
-            "beside --kd-weight 1, see docs/results.md)",
+            "box_kd", box_kd_term, 0.05, True, "boxkd",
+            "box output distillation gain, where the teacher is confident (default: hyp 'box_kd', 0.05; on when the "
+            "teacher's head matches the student's, 0 = off)",
             inputs=("preds", "anchors", "teacher_preds", "teacher_anchors"),
         ),
     )

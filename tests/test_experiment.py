@@ -30,8 +30,8 @@ def test_seeds_train_each_arm_per_seed_with_mean_std_and_gain(tmp_path, tiny_dat
             run = tmp_path / f"{arm}-seed{seed}"
             opt = yaml.safe_load((run / "opt.yaml").read_text())
             assert opt["seed"] == seed and bool(opt["ft_weights"]) == (arm == "default")
-            if arm == "default":  # --ft_weights alone: FGFI alone, the output terms off
-                assert (opt["imitation_weight"], opt["kd_weight"], opt["box_kd_weight"]) == (0.01, 0.0, 0.0)
+            if arm == "default":  # --ft_weights alone: FGFI and the output terms at their defaults
+                assert (opt["imitation_weight"], opt["kd_weight"], opt["box_kd_weight"]) == (0.01, 1.0, 0.05)
             assert (run / "weights/best.pt").is_file() and (run / "experiment.json").is_file()
     # the summary's statistics, recomputed here with numpy
     summary = pd.read_csv(tmp_path / "summary.csv").set_index("arm")
