@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from utils.downloads import RELEASE_ASSETS, attempt_download
+from utils.downloads import RELEASE_ASSETS, attempt_download, remove_stale
 from utils.general import LOGGER, UserError, check_file, check_yaml, intersect_dicts
 
 # torch.nn layers that YOLOv5 models (and their older versions) are built from
@@ -298,26 +298,10 @@ def save_checkpoint(ckpt: dict, path: str | Path) -> None:
 
 def remove_stale_tmp(folder: str | Path) -> list[Path]:
     """Delete the temporary files save_checkpoint leaves when its process is killed mid-write (its pid is gone)."""
-    removed = []
-    for tmp in Path(folder).glob(".*.*.tmp"):
-        pid = tmp.name.rsplit(".", 2)[-2]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-                removed.append(tmp)
+    removed = remove_stale(Path(folder), ".*.*.tmp")
     if removed:
         LOGGER.info(f"Removed {len(removed)} unfinished checkpoint file(s) of killed runs from {folder}")
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # exists, owned by someone else
-        return True
-    return True
 
 
 def strip_optimizer(f: str | Path) -> None:
