@@ -104,6 +104,7 @@ def test_clip_gradients_clips_each_group_on_its_own():
     assert norm.item() == pytest.approx(10.0, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_train_py_names_the_terms_at_start_and_resume_keeps_the_warmup(tmp_path, tiny_data, teacher_pt, log_lines):
     """--ft_weights with the output terms on in the hyp file: one line naming every term and its weight; the warm-up
     (hyp warmup_epochs) is saved in opt.yaml and in the checkpoint, and each term logs its own column."""

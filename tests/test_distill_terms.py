@@ -453,6 +453,7 @@ def test_imitation_boxes_auto_is_matched_with_several_layers_and_all_with_one(te
 # --- the table ---------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_new_term_is_one_table_entry(tmp_path, tiny_data, teacher_pt, monkeypatch):
     """A dummy term with a setting of its own, added to TERMS alone: its weight flag and hyp default, its setting's
     flag, hyp key and range, its loss-dict key and results.csv column, the setting passed to its loss, saved in the
