@@ -46,7 +46,7 @@ from distill.terms import (
     level_weights,
     term_settings,
 )
-from utils.general import LOGGER, UserError, check_file, colorstr
+from utils.general import LOGGER, UserError, check_file, check_range, colorstr
 from utils.torch_utils import cpu_has_bf16_matmul, to_channels_last
 
 LayerSpec = Union[str, list[int], None]  # None: the default point, 'detect': Detect's inputs, or layer indices
@@ -212,8 +212,7 @@ class Distiller:
         # terms the user asked for by flag: refused with one line where the teacher cannot serve them; the others
         # (defaults, hyp file) are dropped with one line instead (None: every term counts as asked for)
         self.explicit = set(TERMS) if explicit is None else set(explicit)
-        if not (math.isfinite(adapter_warmup) and adapter_warmup >= 0):
-            raise UserError(f"--adapter-warmup {adapter_warmup}: must be a finite number of epochs >= 0")
+        check_range("--adapter-warmup", adapter_warmup, 0, hint="epochs; 0 = from the first step")
         self.adapter_warmup = float(adapter_warmup)
         self.balance = bool(balance)
         given = dict(term_settings or {})

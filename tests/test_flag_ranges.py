@@ -98,3 +98,12 @@ def test_folder_given_as_a_file_and_img_size_floor_say_what_is_wrong(tmp_path, l
     assert any("must be at least 128 (2 x the largest stride, 64)" in line for line in log_lines)
     assert check_img_size(100, 32) == 128
     assert any("must be a multiple of max stride 32" in line for line in log_lines)
+
+
+def test_check_range_refuses_nan_and_inf_even_unbounded():
+    from utils.general import check_range
+
+    for value in (float("nan"), float("inf")):
+        with pytest.raises(UserError, match=r"--adapter-warmup (nan|inf): must be in \[0, inf\)"):
+            check_range("--adapter-warmup", value, 0)
+    check_range("--adapter-warmup", 3.0, 0)

@@ -36,7 +36,7 @@ def check_range(flag: str, value, low=None, high=None, high_open: bool = False, 
     bound is unbounded), e.g. check_range('--conf-thres', 2, 0, 1)."""
     try:
         number = float(value)
-        ok = number == number and (low is None or number >= low)  # NaN fails
+        ok = math.isfinite(number) and (low is None or number >= low)  # NaN and inf fail
         ok = ok and (high is None or (number < high if high_open else number <= high))
     except (TypeError, ValueError):
         ok = False
@@ -171,14 +171,7 @@ def check_dataset(data: str | Path | dict, autodownload: bool = True) -> dict:
     """
     if isinstance(data, (str, Path)):
         data_file = check_yaml(data, "--data")
-        try:
-            data = yaml_load(data_file)
-        except yaml.YAMLError as e:
-            raise UserError(f"--data {data_file}: not valid YAML ({' '.join(str(e).split())[:160]})") from None
-        if not isinstance(data, dict):
-            raise UserError(
-                f"--data {data_file}: expected a mapping with train:, val: and names:, got a {type(data).__name__}"
-            )
+        data = _read_mapping(data_file, "--data", "a mapping with train:, val: and names:, got a {type}")
         data["yaml_file"] = str(data_file)
     for k in ("train", "val", "names"):
         if k not in data:
@@ -260,17 +253,24 @@ HYP_KEYS = (
 HYP_OPTIONAL_KEYS = ("imitation", "kd", "box_kd", "kd_temperature", "anchors", "label_smoothing")
 
 
+def _read_mapping(file: str | Path, flag: str, expected: str) -> dict:
+    """A YAML file that must hold a mapping: a malformed file or another type is one UserError naming the flag and
+    the file (expected may name the type found as {type})."""
+    try:
+        content = yaml_load(file)
+    except yaml.YAMLError as e:
+        raise UserError(f"{flag} {file}: not valid YAML ({' '.join(str(e).split())[:160]})") from None
+    if not isinstance(content, dict):
+        raise UserError(f"{flag} {file}: expected {expected.replace('{type}', type(content).__name__)}")
+    return content
+
+
 def load_hyp(file: str | Path) -> dict:
     """A hyperparameter YAML (--hyp), checked: a mapping holding every HYP_KEYS entry as a number (and the optional
     keys, where present, too). A malformed file, a missing key or a non-number is one UserError naming the file and
     the key."""
     file = check_yaml(file, "--hyp")
-    try:
-        hyp = yaml_load(file)
-    except yaml.YAMLError as e:
-        raise UserError(f"--hyp {file}: not valid YAML ({' '.join(str(e).split())[:160]})") from None
-    if not isinstance(hyp, dict):
-        raise UserError(f"--hyp {file}: expected a mapping of hyperparameters (see data/hyps/hyp.scratch-low.yaml)")
+    hyp = _read_mapping(file, "--hyp", "a mapping of hyperparameters (see data/hyps/hyp.scratch-low.yaml)")
     missing = [k for k in HYP_KEYS if k not in hyp]
     if missing:
         raise UserError(f"--hyp {file}: no '{missing[0]}:' key; copy it from data/hyps/hyp.scratch-low.yaml")
