@@ -26,6 +26,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 FILE = Path(__file__).resolve()
@@ -57,7 +58,15 @@ _BCCD = dict(
     _CPU, data=str(REAL / "bccd.yaml"), teacher="yolov5n.yaml", teacher_weights=str(REAL / "weights/yolov5n.pt"),
     teacher_epochs=36, imgsz=320, epochs=12, student_weights=str(REAL / "weights/yolov5n.pt"),
 )  # fmt: skip
+# Unlabelled images (train.py --unlabeled): a preset with `unlabeled` splits its data into labelled and unlabelled
+# images (prepare_unlabeled); its arms then include the unlabelled stream and the fully labelled upper bound.
+# builtin-4000: the built-in 1000 labelled images plus 4000 more drawn with another seed, used without their labels;
+# quarter: the labels of a quarter of the train split kept (BCCD in bccd-quarter), the rest used as unlabelled (the
+# preset's own teacher is trained on that quarter alone: no label leaks)
+UNLABELED_SEED = 1  # the extra built-in images' generator seed (the built-in set is seed 0)
 PRESETS = {
+    "unlabeled": dict(_CPU, unlabeled="builtin-4000"),  # the shipped teacher: trained on the 1000 labelled images
+    "bccd-quarter": dict(_BCCD, epochs=30, unlabeled="quarter"),
     "cpu": _CPU,
     "cpu-long": dict(_CPU, epochs=15),
     "gpu": dict(_CPU, teacher="yolov5m.yaml", teacher_epochs=120, imgsz=320, epochs=60, batch=64, device="", workers=8),
@@ -115,7 +124,19 @@ ABLATION_ARMS = {
     arm: {"kd_weight": 0.0, "box_kd_weight": 0.0, **extra} if arm.startswith(("fgfi", "gtbox", "full")) else extra
     for arm, extra in ABLATION_ARMS.items()
 }
-ARMS = {**MAIN_ARMS, **ABLATION_ARMS}
+# The unlabelled stream (presets with `unlabeled`): the default recipe plus the unlabelled images, with FGFI on them
+# (mask from the teacher's boxes) or on the labelled images alone; the student trained on every image with its label
+# (the upper bound); and the labelled-only arms trained for as many more epochs as the +u arm's minutes allow
+# ('@time': equal wall time, from the same seed's measured minutes)
+UNLABELED_ARMS = {
+    "default+u": {"unlabeled": True},
+    "default+u-nopseudo": {"unlabeled": True, "pseudo_conf": 1.0},
+    "upper": None,  # the student alone on all labels
+    "student@time": None,
+    "default@time": {},
+}
+UNLABELED_MAIN = ["student", "default", "default+u", "upper", "student@time", "default@time"]
+ARMS = {**MAIN_ARMS, **ABLATION_ARMS, **UNLABELED_ARMS}
 MAP_COLUMN = "metrics/mAP_0.5:0.95"  # results.csv column of the per-epoch validation mAP50-95
 BOX_COLUMN = "train/box_loss"  # and of the training box loss
 
@@ -142,10 +163,15 @@ def run_experiment(
     cfg["epochs"] = epochs or cfg["epochs"]
     if arms is not None and not arms:
         raise UserError("--arms names no arm: give arms separated by commas, e.g. student,default")
-    arms = list(arms or (ARMS if ablation else MAIN_ARMS))
+    split = cfg.get("unlabeled")
+    default_arms = UNLABELED_MAIN if split else list(MAIN_ARMS)
+    arms = list(arms or ([*MAIN_ARMS, *ABLATION_ARMS] if ablation else default_arms))
     unknown = [a for a in arms if a not in ARMS]
     if unknown:
         raise UserError(f"--arms {','.join(unknown)}: unknown; choose from {', '.join(ARMS)}")
+    if not split and any(a in UNLABELED_ARMS for a in arms):
+        raise UserError(f"--arms {','.join(arms)}: the unlabelled arms need --preset unlabeled or bccd-quarter")
+    arms.sort(key=lambda a: a.endswith("@time"))  # equal-time arms last: they read the +u arm's minutes
     if not seeds:
         raise UserError("--seeds is empty: give at least one seed, e.g. 0 or 0,1,2")
     for flag, key in (("--imgsz", "imgsz"), ("--batch-size", "batch")):
@@ -155,6 +181,8 @@ def run_experiment(
         raise UserError(f"--student-weights {cfg['student_weights']}: file not found")
     project = Path(project or ROOT / ("runs/experiment" if preset == "cpu" else f"runs/experiment-{preset}"))
     project.mkdir(parents=True, exist_ok=True)
+    if split:  # the labelled/unlabelled split, and the data YAML of the upper bound (every label)
+        cfg["data"], cfg["unlabeled_images"], cfg["upper_data"] = prepare_unlabeled(split, cfg["data"], project)
     common = dict(
         data=cfg["data"], imgsz=cfg["imgsz"], batch_size=cfg["batch"], device=cfg["device"], workers=cfg["workers"],
         hyp=cfg["hyp"], optimizer=cfg["optimizer"], epochs=cfg["epochs"], project=str(project), exist_ok=True,
@@ -180,7 +208,13 @@ def run_experiment(
             extra = (
                 {} if ARMS[arm] is None else {"ft_weights": str(teacher), "distill_precision": precision, **ARMS[arm]}
             )
+            if extra.get("unlabeled"):
+                extra["unlabeled"] = cfg["unlabeled_images"]
             settings = {**common, **extra, "cfg": cfg["student"], "seed": seed, "name": name}
+            if arm == "upper":
+                settings["data"] = cfg["upper_data"]
+            if arm.endswith("@time"):  # as many epochs as the same seed's +u arm took minutes
+                settings["epochs"] = _equal_time_epochs(rows, arm.removesuffix("@time"), seed, cfg["epochs"])
             if cfg.get("student_weights"):  # a pretrained student: its weights (and its architecture)
                 settings.update(cfg="", weights=str(Path(cfg["student_weights"]).resolve()))
                 settings["student_sha256"] = _sha256(cfg["student_weights"])
@@ -205,6 +239,51 @@ def run_experiment(
     (project / "results.md").write_text(report)
     LOGGER.info(f"\n{report}\nSaved to {colorstr('bold', project)}")
     return df
+
+
+def _equal_time_epochs(rows: list[dict], base: str, seed: int, epochs: int) -> int:
+    """Epochs of arm `base` that take the minutes the default+u run of this seed took, from both runs' measured
+    training minutes (at least `epochs`)."""
+    minutes = {r["arm"]: r["train_min"] for r in rows if r["seed"] == seed}
+    if not all(k in minutes for k in (base, "default+u")):
+        raise UserError(f"{base}@time needs the {base} and default+u arms of seed {seed}: add them to --arms")
+    return max(epochs, round(epochs * minutes["default+u"] / minutes[base]))
+
+
+def prepare_unlabeled(split: str, data: str, project: Path) -> tuple[str, str, str]:
+    """Make a preset's labelled / unlabelled split: (data YAML of the labelled images, the unlabelled images, data
+    YAML of every image with its label). Idempotent: the same files every call."""
+    import yaml
+
+    folder = (project / "data").resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    base = check_dataset(data)
+    names = base["names"]
+    if split == "builtin-4000":
+        from data.synthetic import generate_dataset
+
+        extra = ROOT.parent / "datasets/synthetic-extra"
+        if not (extra / "images/train").is_dir() or len(list((extra / "images/train").glob("*.jpg"))) != 4000:
+            generate_dataset(extra, n_train=4000, n_val=0, seed=UNLABELED_SEED)
+        labelled, unlabeled = base["train"], str(extra / "images/train")
+        upper = [base["train"], unlabeled]
+    elif split == "quarter":
+        images = sorted(str(f) for f in Path(base["train"]).rglob("*.*") if f.suffix[1:].lower() in ("jpg", "png"))
+        order = np.random.default_rng(0).permutation(len(images))
+        quarter = math.ceil(len(images) / 4)
+        keep, rest = sorted(images[i] for i in order[:quarter]), sorted(images[i] for i in order[quarter:])
+        (folder / "labelled.txt").write_text("\n".join(keep) + "\n")
+        (folder / "unlabeled.txt").write_text("\n".join(rest) + "\n")
+        labelled, unlabeled, upper = str(folder / "labelled.txt"), str(folder / "unlabeled.txt"), base["train"]
+    else:
+        raise ValueError(f"unknown split {split!r}")
+    files = []
+    for stem, train_images in ((f"{split}", labelled), (f"{split}-upper", upper)):
+        file = folder / f"{stem}.yaml"
+        file.write_text(yaml.safe_dump({"path": str(base["path"]), "train": train_images, "val": base["val"],
+                                        "names": names}, sort_keys=False))  # fmt: skip
+        files.append(str(file))
+    return files[0], unlabeled, files[1]
 
 
 def _train_arm(arm: str, seed: int, settings: dict, cfg: dict, project: Path) -> dict:

@@ -38,6 +38,7 @@ from distill.options import (  # noqa: E402
     check_distill_options,
     resolve_distill_options,
     resume_distill_options,
+    unlabeled_source,
 )
 from distill.terms import DEFAULT_REDUCTION, REDUCTIONS, TERMS  # noqa: E402
 from utils.autoanchor import check_anchors  # noqa: E402
@@ -50,7 +51,7 @@ from utils.checkpoint import (  # noqa: E402
     train_state,
     training_checkpoint,
 )
-from utils.dataloaders import create_dataloader  # noqa: E402
+from utils.dataloaders import create_dataloader, create_unlabeled_loader  # noqa: E402
 from utils.evolve import evolve  # noqa: E402
 from utils.general import (  # noqa: E402
     LOCAL_RANK,
@@ -184,6 +185,18 @@ def train(hyp: dict | str, opt: argparse.Namespace, device: torch.device) -> tup
         nc=nc, epoch=start_epoch,
     )  # fmt: skip
     labels = np.concatenate(dataset.labels, 0) if dataset.labels else np.zeros((0, 5))
+    nb = len(train_loader)
+    # Unlabelled images (--unlabeled / the data YAML's unlabeled:): an endless stream beside the labelled batches, ub
+    # of them a step, continued across epochs; a resumed run starts where the stream was (epoch * nb * ub)
+    source, ub = unlabeled_source(opt, data_dict, distiller), (opt.unlabeled_batch_size or batch_size) // WORLD_SIZE
+    unlabeled = None
+    if source:
+        unlabeled = iter(
+            create_unlabeled_loader(
+                source, imgsz, ub, gs, hyp, cache=None if opt.cache == "val" else opt.cache, workers=workers,
+                seed=opt.seed, start=start_epoch * nb * ub, prefix=colorstr("unlabeled: "),
+            )[0]
+        )  # fmt: skip
     if RANK in {-1, 0}:
         val_loader = create_dataloader(
             val_path, imgsz, batch_size // WORLD_SIZE * 2, gs, single_cls, hyp=hyp,
@@ -221,7 +234,6 @@ def train(hyp: dict | str, opt: argparse.Namespace, device: torch.device) -> tup
     m.class_weights = labels_to_class_weights(dataset.labels, nc).to(device) * nc
 
     t0 = time.time()
-    nb = len(train_loader)
     nw = max(round(hyp["warmup_epochs"] * nb), 100) if hyp["warmup_epochs"] > 0 else 0
     last_opt_step = -1
     maps = np.zeros(nc)
@@ -241,6 +253,7 @@ def train(hyp: dict | str, opt: argparse.Namespace, device: torch.device) -> tup
         hyp,
         terms=distiller.loss_terms if distiller else None,
         balanced=distiller.balanced_terms if distiller else (),
+        unlabeled=distiller.unlabeled_terms if source else (),
     )
     loss_names = compute_loss.names
     # iterations in which imitation trains the adapters alone: by default the lr warmup's (same rule as nw)
@@ -270,7 +283,7 @@ def train(hyp: dict | str, opt: argparse.Namespace, device: torch.device) -> tup
             % (
                 "Epoch",
                 "GPU_mem",
-                *(f"{TERMS[k].label if k in TERMS else k}_loss" for k in loss_names),
+                *(f"{_label(k)}_loss" for k in loss_names),
                 "Instances",
                 "Size",
             )
@@ -315,6 +328,19 @@ def train(hyp: dict | str, opt: argparse.Namespace, device: torch.device) -> tup
                     loss *= 4.0
 
             scaler.scale(loss).backward()
+            if (
+                unlabeled is not None
+            ):  # the same step's unlabelled images: the distillation terms alone (own forward, backward)
+                uimgs = next(unlabeled)[0].to(device, non_blocking=True).float() / 255
+                if uimgs.shape[2:] != imgs.shape[2:]:  # --multi-scale: the labelled batch's size
+                    uimgs = nn.functional.interpolate(uimgs, size=imgs.shape[2:], mode="bilinear", align_corners=False)
+                if opt.channels_last:
+                    uimgs = uimgs.contiguous(memory_format=torch.channels_last)
+                with torch.autocast(device_type=device.type, enabled=amp):
+                    pred_u, inputs_u = distiller(model, uimgs, None, adapters_only=ni < adapter_warmup)
+                    loss_u, items_u = compute_loss.unlabeled_loss(pred_u, **inputs_u)
+                scaler.scale(loss_u * WORLD_SIZE if RANK != -1 else loss_u).backward()
+                items = {k: items.get(k, 0) + items_u[k] for k in loss_names}
             if ni - last_opt_step >= accumulate:
                 scaler.unscale_(optimizer)
                 clip_gradients([model.parameters()] + ([distiller.parameters()] if distiller else []), max_norm=10.0)
@@ -405,6 +431,12 @@ def train(hyp: dict | str, opt: argparse.Namespace, device: torch.device) -> tup
     return results
 
 
+def _label(name: str) -> str:
+    """Progress-bar name of a loss item: a term's short label ('imit', 'boxkd'; '_u' on unlabelled images)."""
+    base, u = (name[:-2], "_u") if name.endswith("_u") and name[:-2] in TERMS else (name, "")
+    return (TERMS[base].label if base in TERMS else base) + u
+
+
 def parse_opt(known: bool = False, args: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     parser.add_argument("--weights", type=str, default="", help="initial weights path (a YOLOv5 .pt)")
@@ -487,6 +519,21 @@ def parse_opt(known: bool = False, args: list[str] | None = None) -> argparse.Na
         help="CPU: teacher forward and adapter products in bf16 or fp32; auto (default): bf16 where the CPU has AMX "
         "matrix units, fp32 elsewhere. The student trains in fp32 either way; CUDA: fp16 teacher, adapters under AMP",
     )  # fmt: skip
+    parser.add_argument(
+        "--unlabeled", type=str, default="",
+        help="images without labels (folder, glob or .txt list) distilled from the teacher beside the labelled ones; "
+        "overrides the data YAML's unlabeled:",
+    )  # fmt: skip
+    parser.add_argument(
+        "--unlabeled-batch-size",
+        type=int,
+        default=None,
+        help="unlabelled images per step, all GPUs (default: --batch-size)",
+    )
+    parser.add_argument(
+        "--pseudo-conf", type=float, default=0.5,
+        help="FGFI on unlabelled images: its mask from the teacher's boxes above this confidence (1: labelled only)",
+    )  # fmt: skip
     parser.add_argument("--channels-last", action="store_true", help="channels_last memory format (CUDA speed)")
     return parser.parse_known_args(args)[0] if known else parser.parse_args(args)
 
@@ -505,6 +552,8 @@ def main(opt: argparse.Namespace) -> tuple | None:
             raise UserError("either --cfg (a model YAML) or --weights (a .pt) must be given")
         if opt.ft_weights:  # absolute: a --resume from another directory still finds it
             opt.ft_weights = str(Path(check_file(opt.ft_weights, "--ft_weights")).resolve())
+        if opt.unlabeled and not any(c in opt.unlabeled for c in "*?["):
+            opt.unlabeled = str(Path(opt.unlabeled).resolve())
         if opt.evolve:
             opt.project = str(ROOT / "runs/evolve") if opt.project == str(ROOT / "runs/train") else opt.project
             opt.exist_ok, opt.resume = opt.resume, False

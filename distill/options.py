@@ -34,6 +34,11 @@ def check_distill_options(opt: argparse.Namespace) -> None:
         warmup = getattr(opt, "adapter_warmup", None)
         if warmup is not None:
             check_range("--adapter-warmup", warmup, 0, hint="epochs; 0 = from the first step")
+        check_range("--pseudo-conf", getattr(opt, "pseudo_conf", 0.5), 0, 1, hint="1 = FGFI on labelled images only")
+    elif getattr(opt, "unlabeled", ""):
+        raise UserError(
+            f"--unlabeled {opt.unlabeled}: images without labels are learnt from a teacher: add --ft_weights teacher.pt"
+        )
     else:
         given = [f"--{name.replace('_', '-')}-weight" for name, w in weights.items() if w]
         if given:
@@ -75,6 +80,7 @@ def build_distiller(
         imitation_reduce=opt.imitation_reduce, imitation_boxes=opt.imitation_boxes, anchor_t=hyp["anchor_t"],
         precision=opt.distill_precision, explicit=explicit, adapter_warmup=opt.adapter_warmup,
         balance=getattr(opt, "distill_balance", LEGACY_OPTIONS["distill_balance"]),
+        pseudo_conf=getattr(opt, "pseudo_conf", 0.5),
     )  # fmt: skip
     if resume_state:
         distiller.load_state_dict(resume_state)
@@ -90,3 +96,26 @@ def build_distiller(
 def resume_distill_options(ckpt: dict) -> dict:
     """--resume: the options that rebuild a checkpoint's distillation exactly as it trained ({} without one)."""
     return Distiller.options_from_state(ckpt["distill"]) if ckpt.get("distill") else {}
+
+
+def unlabeled_source(opt: argparse.Namespace, data: dict, distiller: Distiller | None) -> str | list | None:
+    """The unlabelled images of a run: --unlabeled, else the data YAML's 'unlabeled:' (None: none). The YAML's key
+    without a teacher is one line and no stream (the student alone trains on the labelled images, e.g. an
+    experiment's student arm); a flag or setting that cannot go with the stream is one UserError."""
+    source = getattr(opt, "unlabeled", "") or data.get("unlabeled")
+    where = f"--unlabeled {opt.unlabeled}" if getattr(opt, "unlabeled", "") else f"data YAML unlabeled: {source}"
+    if not source:
+        return None
+    if distiller is None:
+        LOGGER.info(f"{where}: not used without a teacher (--ft_weights)")
+        return None
+    for flag, on in (("--rect", opt.rect), ("--quad", opt.quad)):
+        if on:
+            raise UserError(f"{where}: {flag} is not supported with unlabelled images; drop {flag}")
+    if not distiller.unlabeled_terms:
+        raise UserError(
+            f"{where}: no distillation term reads unlabelled images (the output terms are off and --pseudo-conf "
+            f"{distiller.pseudo_conf:g} keeps FGFI on the labelled ones): turn on --kd-weight / --box-kd-weight, or "
+            "set --pseudo-conf below 1"
+        )
+    return source

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -76,7 +77,7 @@ def test_ablation_trains_every_region_level_psi_and_weight(tmp_path, tiny_data):
     stale.parent.mkdir()
     stale.write_text("epoch,train/box_loss\n0,1.0\n1,1.0\n")
     df = experiment.run_experiment("cpu", project=tmp_path, seeds=[0], ablation=True, data=str(tiny_data), **TINY)
-    assert list(df["arm"]) == ["teacher", *experiment.ARMS]
+    assert list(df["arm"]) == ["teacher", *experiment.MAIN_ARMS, *experiment.ABLATION_ARMS]
     assert len(pd.read_csv(stale, skipinitialspace=True)) == 1  # replaced, not appended to
     expected = {
         "fgfi": ("fgfi", "default", 0.5, 0.01),
@@ -112,7 +113,7 @@ def test_ablation_trains_every_region_level_psi_and_weight(tmp_path, tiny_data):
     for arm, temperature in (("kd", 1.0), ("kd-t2", 2.0)):
         assert yaml.safe_load((tmp_path / f"{arm}-seed0/opt.yaml").read_text())["kd_temperature"] == temperature
     summary = pd.read_csv(tmp_path / "summary.csv")
-    assert list(summary["arm"]) == ["teacher", *experiment.ARMS]
+    assert list(summary["arm"]) == ["teacher", *experiment.MAIN_ARMS, *experiment.ABLATION_ARMS]
     assert (tmp_path / "ablation.png").stat().st_size > 0
 
 
@@ -211,3 +212,38 @@ def test_own_data_and_a_pretrained_student(tmp_path, tiny_data):
                          (dict(student_weights=str(tmp_path / "none.pt")), "--student-weights")):  # fmt: skip
         with pytest.raises(UserError, match=flag):
             experiment.run_experiment("cpu", project=project, data=str(tiny_data), **kwargs)
+
+
+def test_unlabelled_arms_split_the_data_and_match_wall_time(tmp_path, tiny_data):
+    """A quarter-labelled split of the tiny data: the labelled and unlabelled images are disjoint and together the
+    train split; default+u trains with the stream, upper on every label, and student@time for the minutes default+u
+    took."""
+    arms = ["student", "default", "default+u", "upper", "student@time"]
+    df = experiment.run_experiment(
+        "cpu", project=tmp_path, seeds=[0], arms=arms, data=str(tiny_data), unlabeled="quarter", **TINY
+    )
+    assert list(df["arm"]) == ["teacher", *arms]
+    folder = tmp_path / "data"
+    labelled = (folder / "labelled.txt").read_text().split()
+    unlabeled = (folder / "unlabeled.txt").read_text().split()
+    train_images = sorted(str(f) for f in (tiny_data.parent / "images/train").glob("*.jpg"))
+    assert len(labelled) == 4 and not set(labelled) & set(unlabeled) and sorted(labelled + unlabeled) == train_images
+    opts = {arm: yaml.safe_load((tmp_path / f"{arm}-seed0/opt.yaml").read_text()) for arm in arms}
+    assert opts["default+u"]["unlabeled"] == str(folder / "unlabeled.txt") and not opts["default"]["unlabeled"]
+    assert yaml.safe_load(Path(opts["upper"]["data"]).read_text())["train"] == str(tiny_data.parent / "images/train")
+    assert not opts["upper"]["ft_weights"] and yaml.safe_load(Path(opts["student"]["data"]).read_text())["train"] == str(
+        folder / "labelled.txt"
+    )
+    minutes = df.set_index("arm")["train_min"]
+    want = max(1, round(minutes["default+u"] / minutes["student"]))
+    assert opts["student@time"]["epochs"] == want
+    columns = pd.read_csv(tmp_path / "default+u-seed0/results.csv", nrows=0).columns.str.strip()
+    assert "train/kd_u_loss" in columns
+
+
+def test_equal_time_epochs():
+    rows = [dict(arm="student", seed=0, train_min=2.0), dict(arm="default+u", seed=0, train_min=7.0)]
+    assert experiment._equal_time_epochs(rows, "student", 0, 9) == 32  # 9 * 7 / 2 = 31.5
+    assert experiment._equal_time_epochs(rows, "default+u", 0, 9) == 9
+    with pytest.raises(experiment.UserError, match="student@time needs the student and default\\+u arms of seed 1"):
+        experiment._equal_time_epochs(rows, "student", 1, 9)

@@ -79,9 +79,13 @@ def _float_tensors(ckpt: dict) -> dict[str, torch.Tensor]:
     return out
 
 
-def test_sigkill_mid_epoch_then_resume_is_bit_exact(tmp_path, tiny_data, teacher_pt):
-    _run(_command(tiny_data, teacher_pt, tmp_path, "alone"))
-    cmd = _command(tiny_data, teacher_pt, tmp_path, "killed")
+@pytest.mark.parametrize("unlabeled", [False, True])
+def test_sigkill_mid_epoch_then_resume_is_bit_exact(tmp_path, tiny_data, teacher_pt, unlabeled):
+    """unlabeled: with a stream of unlabelled images (the val images, 2 a step) beside the labelled ones, whose order
+    and augmentations the resumed run must continue exactly (they reach the weights through the output terms)."""
+    extra = ["--unlabeled", str(tiny_data.parent / "images/val"), "--unlabeled-batch-size", "2"] if unlabeled else []
+    _run(_command(tiny_data, teacher_pt, tmp_path, "alone") + extra)
+    cmd = _command(tiny_data, teacher_pt, tmp_path, "killed") + extra
     wdir = tmp_path / "killed/weights"
     _kill_during_epoch(cmd, wdir / "last.pt", epoch=1)
     _run([sys.executable, str(ROOT / "train.py"), "--resume", str(wdir / "last.pt")])
@@ -99,6 +103,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_exact(tmp_path, tiny_data, teacher
         assert all(torch.equal(a[k], b[k]) for k in a), f
     csv_a, csv_b = (pd.read_csv(d / "results.csv") for d in (tmp_path / "alone", tmp_path / "killed"))
     pd.testing.assert_frame_equal(csv_a, csv_b, check_exact=True)
+    assert ("train/kd_u_loss" in csv_a.columns.str.strip()) == unlabeled
     # --save-period: every epoch's file exists after the kill, the redone epoch included
     assert sorted(p.name for p in wdir.glob("epoch*.pt")) == [f"epoch{e}.pt" for e in range(EPOCHS)]
     assert not list(wdir.glob(".*.tmp"))

@@ -102,6 +102,35 @@ class EpochSampler(torch.utils.data.Sampler):
             yield epoch, index
 
 
+class StreamSampler(torch.utils.data.Sampler):
+    """An endless stream of (pass, index) items over n images, each pass a new shuffle drawn from (seed, pass): every
+    image is used once before any is repeated, and the stream runs on across epochs.
+
+    Item k of the stream (k = 0, 1, ...) is image order(k // n)[k % n]; the sampler yields from item `start` on, so a
+    run resumed after s items (train.py: epoch * batches per epoch * unlabelled batch) continues the same stream.
+    LoadImagesAndLabels seeds each image's augmentation from (seed, pass, index), as for EpochSampler. With
+    world_size > 1, rank r takes the items k with k % world_size == r (each rank its own share).
+    """
+
+    def __init__(self, n: int, seed: int = 0, start: int = 0, rank: int = 0, world_size: int = 1):
+        self.n, self.seed, self.start = n, seed, start
+        self.rank, self.world_size = max(rank, 0), max(world_size, 1)
+
+    def order(self, p: int) -> list[int]:
+        g = torch.Generator()
+        g.manual_seed(item_seed(self.seed, p))
+        return torch.randperm(self.n, generator=g).tolist()
+
+    def __iter__(self):
+        k = self.start * self.world_size + self.rank  # `start` counts this rank's items
+        p, order = k // self.n, self.order(k // self.n)
+        while True:
+            if k // self.n != p:
+                p, order = k // self.n, self.order(k // self.n)
+            yield p, order[k % self.n]
+            k += self.world_size
+
+
 class LoadImagesAndLabels(Dataset):
     """Images with YOLO labels, for training (mosaic/mixup/perspective/HSV/flip augmentation) and validation.
 
@@ -131,6 +160,7 @@ class LoadImagesAndLabels(Dataset):
         nc: int | None = None,
         rank: int = -1,
         seed: int = 0,
+        unlabeled: bool = False,
     ):
         if augment and hyp is None:
             raise ValueError("augment=True needs the hyp dict (data/hyps/hyp.scratch-low.yaml)")
@@ -144,12 +174,15 @@ class LoadImagesAndLabels(Dataset):
         self.stride = stride
         self.path = path
         self.seed = seed  # augmentation of (epoch, index) items is seeded from (seed, epoch, index): EpochSampler
+        self.unlabeled = unlabeled  # images only: label files are never read, every image has no boxes
 
         files = []
         for p in path if isinstance(path, (list, tuple)) else [path]:
             p = Path(p)
             if p.is_dir():
                 files += glob.glob(str(p / "**" / "*.*"), recursive=True)
+            elif any(c in str(p) for c in "*?["):  # a glob pattern, e.g. path/to/images/*.jpg
+                files += glob.glob(str(p), recursive=True)
             elif p.is_file():
                 parent = p.parent
                 for line in p.read_text().strip().splitlines():
@@ -171,9 +204,13 @@ class LoadImagesAndLabels(Dataset):
         if not self.im_files:
             raise UserError(f"{prefix}No images found in {path}: supported formats are {', '.join(IMG_FORMATS)}")
 
-        # label cache: built once (checks every image and label), reused while files and nc are unchanged
-        self.label_files = img2label_paths(self.im_files)
-        cache_path = (p if p.is_file() else Path(self.label_files[0]).parent).with_suffix(".cache")
+        # label cache: built once (checks every image and label), reused while files and nc are unchanged. Unlabelled
+        # images: the same checks of the images alone (no label file is read, even where one exists), cached apart
+        self.label_files = [""] * len(self.im_files) if unlabeled else img2label_paths(self.im_files)
+        if unlabeled:
+            cache_path = (p if p.is_file() else Path(self.im_files[0]).parent).with_suffix(".unlabeled.cache")
+        else:
+            cache_path = (p if p.is_file() else Path(self.label_files[0]).parent).with_suffix(".cache")
         try:
             cache, exists = load_label_cache(cache_path), True
             assert cache["version"] == self.cache_version
@@ -185,11 +222,12 @@ class LoadImagesAndLabels(Dataset):
         nf, nm, ne, nc_bad, n = cache.pop("results")
         if exists and LOCAL_RANK in {-1, 0}:
             d = f"Scanning {cache_path}... {nf} found, {nm} missing, {ne} empty, {nc_bad} corrupt"
+            d = f"Scanning {cache_path}... {n - nc_bad} images, {nc_bad} corrupt" if unlabeled else d
             tqdm(None, desc=prefix + d, total=n, initial=n, bar_format=BAR_FORMAT)
             if cache["msgs"]:
                 LOGGER.info("\n".join(cache["msgs"]))
         self.counts = {"found": nf, "missing": nm, "empty": ne, "corrupt": nc_bad}
-        if nf == 0:
+        if nf == 0 and not unlabeled:
             raise UserError(
                 f"{prefix}No labels found in {cache_path}: labels go in a labels/ folder beside images/, one .txt "
                 f"per image (see {HELP_URL})"
@@ -203,7 +241,7 @@ class LoadImagesAndLabels(Dataset):
         self.segments = [list(x) for x in segments]
         self.shapes = np.array(shapes, dtype=np.float64)
         self.im_files = list(cache.keys())
-        self.label_files = img2label_paths(self.im_files)
+        self.label_files = [""] * len(self.im_files) if unlabeled else img2label_paths(self.im_files)
         for lb, lb_file in zip(self.labels, self.label_files) if nc is not None and not single_cls else ():
             if len(lb) and lb[:, 0].max() >= nc:  # as YOLOv5's train.py: stop, rather than drop the images
                 raise UserError(
@@ -301,7 +339,8 @@ class LoadImagesAndLabels(Dataset):
                     x[im_file] = [lb, shape, segments]
                 if msg:
                     msgs.append(msg)
-                pbar.desc = f"{desc} {nf} found, {nm} missing, {ne} empty, {nc_bad} corrupt"
+                counts = f"{nf} found, {nm} missing, {ne} empty" if not self.unlabeled else f"{nm} images"
+                pbar.desc = f"{desc} {counts}, {nc_bad} corrupt"
             pbar.close()
         if msgs:
             LOGGER.info("\n".join(msgs))
@@ -583,6 +622,39 @@ def create_dataloader(
         worker_init_fn=seed_worker,
         generator=generator,
     ), dataset
+
+
+def create_unlabeled_loader(
+    path,
+    imgsz: int,
+    batch_size: int,
+    stride: int,
+    hyp: dict,
+    cache: bool | str | None = False,
+    workers: int = 8,
+    seed: int = 0,
+    start: int = 0,
+    prefix: str = "",
+) -> tuple[DataLoader, LoadImagesAndLabels]:
+    """-> (loader, dataset) of unlabelled images for distillation: the training augmentations (mosaic and mixup among
+    these images alone), every image without boxes, in an endless StreamSampler order from item `start` of this
+    rank's share. Iterate it once (iter(loader)) and draw a batch per step; batch_size is per process."""
+    dataset = LoadImagesAndLabels(
+        path, imgsz, batch_size, augment=True, hyp=hyp, cache_images=cache, stride=int(stride), prefix=prefix,
+        seed=item_seed(seed, 1),  # not the labelled set's augmentation draws
+        unlabeled=True,
+    )  # fmt: skip
+    nd = torch.cuda.device_count()
+    nw = min([os.cpu_count() // max(nd, 1), batch_size if batch_size > 1 else 0, workers])
+    sampler = StreamSampler(len(dataset), dataset.seed, start, max(RANK, 0), WORLD_SIZE)
+    generator = torch.Generator()
+    generator.manual_seed(6148914691236517205 + seed + RANK + 1)
+    loader = DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=nw, sampler=sampler,
+        pin_memory=PIN_MEMORY and torch.cuda.is_available(), collate_fn=LoadImagesAndLabels.collate_fn,
+        worker_init_fn=seed_worker, generator=generator,
+    )  # fmt: skip
+    return loader, dataset
 
 
 class LoadImages:

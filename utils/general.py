@@ -191,7 +191,7 @@ def check_dataset(data: str | Path | dict, autodownload: bool = True) -> dict:
     if not path.is_absolute():
         path = _resolve_root(path)
     data["path"] = path
-    for k in ("train", "val", "test"):
+    for k in ("train", "val", "test", "unlabeled"):
         if data.get(k):
             if isinstance(data[k], str):
                 x = (path / data[k]).resolve()

@@ -76,6 +76,8 @@ class ComputeLoss:
             most as large (L2 norm over every level) as the detection loss's: their items are multiplied by
             min(1, |d det / d preds| / |d terms / d preds|), a factor without gradient. An output term of a weak
             teacher (or at a weight too high for the data) then cannot drown the detection loss's own gradient.
+        unlabeled: names among terms that also run on unlabelled images (unlabeled_loss); their items are
+            '{name}_u', so each stream's share is logged on its own (train/kd_loss, train/kd_u_loss).
     """
 
     sort_obj_iou = False  # YOLOv5 default: no sorting, so overlapping targets in a cell write in target order
@@ -87,6 +89,7 @@ class ComputeLoss:
         autobalance: bool = False,
         terms: dict[str, tuple[float, Callable[..., torch.Tensor]]] | None = None,
         balanced: Collection[str] = (),
+        unlabeled: Collection[str] = (),
     ):
         device = next(model.parameters()).device
         h = hyp
@@ -107,6 +110,8 @@ class ComputeLoss:
         self.device = device
         self.terms = {name: (float(weight), loss) for name, (weight, loss) in (terms or {}).items()}
         self.balanced = tuple(name for name in self.terms if name in set(balanced))
+        self.unlabeled = tuple(name for name in self.terms if name in set(unlabeled))
+        self.detection_norm = None  # |d detection / d preds| of the latest labelled batch (balanced terms only)
         clash = set(self.terms) & set(self.detection_names)
         if clash:
             raise ValueError(f"ComputeLoss: distillation terms may not be named {sorted(clash)}")
@@ -115,8 +120,9 @@ class ComputeLoss:
 
     @property
     def names(self) -> tuple[str, ...]:
-        """Keys of the loss items, in logging order: YOLOv5's three, then the distillation terms switched on."""
-        return self.detection_names + tuple(self.terms)
+        """Keys of the loss items, in logging order: YOLOv5's three, the distillation terms switched on, then those
+        terms on unlabelled images ('{name}_u')."""
+        return self.detection_names + tuple(self.terms) + tuple(f"{name}_u" for name in self.unlabeled)
 
     def __call__(
         self,
@@ -181,11 +187,32 @@ class ComputeLoss:
             for name, (weight, loss) in self.terms.items():
                 items[name] = weight * loss(**inputs).to(self.device)
             if self.balanced and torch.is_grad_enabled() and p[0].requires_grad:
-                scale = _balance(items["box"] + items["obj"] + items["cls"], [items[k] for k in self.balanced], p)
+                self.detection_norm = _grad_norm(items["box"] + items["obj"] + items["cls"], p)
+                scale = _balance(self.detection_norm, [items[k] for k in self.balanced], p)
                 for name in self.balanced:
                     items[name] = items[name] * scale
         bs = p[0].shape[0]
         return sum(items.values()) * bs, {k: v.detach() for k, v in items.items()}
+
+    def unlabeled_loss(self, p: list[torch.Tensor], **distill) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss of a batch of unlabelled images: the `unlabeled` terms alone, never YOLOv5's box, objectness or class
+        loss (an image without labels would teach "no object anywhere" through objectness).
+
+        p and distill as for __call__ (the Distiller's outputs on the unlabelled batch). Balanced terms are held to the
+        detection loss's gradient norm of the latest labelled batch (the same step's, in train.py), as there.
+        Returns (loss, items) as __call__, over every name in `names`: the '{name}_u' items hold the terms, every
+        other item is exactly 0.
+        """
+        zero = torch.zeros((), device=self.device)
+        items = dict.fromkeys(self.names, zero)
+        inputs = dict(preds=p, anchors=self.anchors, balance=self.balance, **distill)
+        terms = {name: self.terms[name][0] * self.terms[name][1](**inputs).to(self.device) for name in self.unlabeled}
+        balanced = [k for k in self.balanced if k in terms]
+        if balanced and self.detection_norm is not None and torch.is_grad_enabled() and p[0].requires_grad:
+            scale = _balance(self.detection_norm, [terms[k] for k in balanced], p)
+            terms.update({k: terms[k] * scale for k in balanced})
+        items.update({f"{name}_u": v for name, v in terms.items()})
+        return sum(items.values()) * p[0].shape[0], {k: v.detach() for k, v in items.items()}
 
     def build_targets(self, p: list[torch.Tensor], targets: torch.Tensor):
         """Assign each target to anchors and grid cells on every level (YOLOv5 rule).
@@ -243,15 +270,18 @@ class ComputeLoss:
         return tcls, tbox, indices, anch
 
 
-def _balance(detection: torch.Tensor, terms: list[torch.Tensor], preds: list[torch.Tensor]) -> torch.Tensor:
-    """min(1, |d detection / d preds| / |d sum(terms) / d preds|) as a 0-dim tensor without gradient (1 where the terms
-    do not reach preds). Two backward passes through the loss functions only, not through the network."""
-    total = sum(terms)
-    if not total.requires_grad:
-        return torch.ones((), device=detection.device)
-    g_det = torch.autograd.grad(detection, preds, retain_graph=True, allow_unused=True)
-    g_out = torch.autograd.grad(total, preds, retain_graph=True, allow_unused=True)
-    norm_det, norm_out = (_norm(g) for g in (g_det, g_out))
+def _grad_norm(loss: torch.Tensor, preds: list[torch.Tensor]) -> torch.Tensor:
+    """|d loss / d preds| (L2 over every level), without gradient; 0 where loss does not reach preds. A backward pass
+    through the loss function only, not through the network."""
+    if not loss.requires_grad:
+        return torch.zeros((), device=preds[0].device)
+    return _norm(torch.autograd.grad(loss, preds, retain_graph=True, allow_unused=True)).to(preds[0].device)
+
+
+def _balance(norm_det: torch.Tensor, terms: list[torch.Tensor], preds: list[torch.Tensor]) -> torch.Tensor:
+    """min(1, norm_det / |d sum(terms) / d preds|) as a 0-dim tensor without gradient (1 where the terms do not reach
+    preds); norm_det: the detection loss's _grad_norm."""
+    norm_out = _grad_norm(sum(terms), preds)
     return torch.where(norm_out > 0, (norm_det / norm_out.clamp(min=1e-12)).clamp(max=1), torch.ones_like(norm_out))
 
 

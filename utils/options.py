@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from utils.checkpoint import load_checkpoint, remove_stale_tmp
-from utils.general import LOGGER, ROOT, UserError, check_file, check_range, yaml_load
+from utils.general import LOGGER, ROOT, WORLD_SIZE, UserError, check_file, check_range, yaml_load
 
 RESUME_OVERRIDES = ("ft_weights", "device", "workers")  # flags a --resume may change; the rest are the run's
 CACHES = ("ram", "disk", "val")  # --cache: images in RAM, as .npy beside them, or the val set's alone (in RAM)
@@ -28,6 +28,9 @@ def check_train_options(opt: argparse.Namespace) -> None:
     check_range("--seed", opt.seed, 0, 2**32 - 1)
     if opt.evolve is not None:
         check_range("--evolve", opt.evolve, 1, hint="the number of generations, e.g. 300")
+    ub = getattr(opt, "unlabeled_batch_size", None)
+    if ub is not None and (ub < 1 or ub % WORLD_SIZE):
+        raise UserError(f"--unlabeled-batch-size {ub}: must be >= 1 and a multiple of WORLD_SIZE {WORLD_SIZE}")
     if opt.cache is not None and opt.cache not in CACHES:
         raise UserError(f"--cache {opt.cache}: use {', '.join(CACHES)} (or --cache alone: ram)")
 
