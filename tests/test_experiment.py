@@ -231,9 +231,9 @@ def test_unlabelled_arms_split_the_data_and_match_wall_time(tmp_path, tiny_data)
     opts = {arm: yaml.safe_load((tmp_path / f"{arm}-seed0/opt.yaml").read_text()) for arm in arms}
     assert opts["default+u"]["unlabeled"] == str(folder / "unlabeled.txt") and not opts["default"]["unlabeled"]
     assert yaml.safe_load(Path(opts["upper"]["data"]).read_text())["train"] == str(tiny_data.parent / "images/train")
-    assert not opts["upper"]["ft_weights"] and yaml.safe_load(Path(opts["student"]["data"]).read_text())["train"] == str(
-        folder / "labelled.txt"
-    )
+    assert not opts["upper"]["ft_weights"] and yaml.safe_load(Path(opts["student"]["data"]).read_text())[
+        "train"
+    ] == str(folder / "labelled.txt")
     minutes = df.set_index("arm")["train_min"]
     want = max(1, round(minutes["default+u"] / minutes["student"]))
     assert opts["student@time"]["epochs"] == want
