@@ -91,6 +91,8 @@ OUTPUT_ARMS = {
     # without --distill-balance: the output terms at their weights whatever their gradient against the detection loss
     "kd-nobal": {**KD, "imitation_weight": 0.0, "distill_balance": False},
     "fgfi+kd-nobal": {**KD, "distill_balance": False},
+    # the default recipe, every term scaled by how much better the teacher fits each batch (--distill-gate)
+    "default-gate": {"distill_gate": True},
 }
 ALL_BOXES = {"imitation_boxes": "all"}
 ABLATION_ARMS = {

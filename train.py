@@ -79,7 +79,7 @@ from utils.loss import ComputeLoss  # noqa: E402
 from utils.metrics import fitness  # noqa: E402
 from utils.options import check_train_options, resume_options  # noqa: E402
 from utils.plots import plot_images, plot_imitation_masks, plot_labels, plot_results  # noqa: E402
-from utils.results import append_results, results_row, truncate_results  # noqa: E402
+from utils.results import NOT_LOSSES, append_results, results_row, truncate_results  # noqa: E402
 from utils.torch_utils import (  # noqa: E402
     EarlyStopping,
     ModelEMA,
@@ -254,6 +254,7 @@ def train(hyp: dict | str, opt: argparse.Namespace, device: torch.device) -> tup
         terms=distiller.loss_terms if distiller else None,
         balanced=distiller.balanced_terms if distiller else (),
         unlabeled=distiller.unlabeled_terms if source else (),
+        gated=bool(distiller and distiller.gate),
     )
     loss_names = compute_loss.names
     # iterations in which imitation trains the adapters alone: by default the lr warmup's (same rule as nw)
@@ -283,7 +284,7 @@ def train(hyp: dict | str, opt: argparse.Namespace, device: torch.device) -> tup
             % (
                 "Epoch",
                 "GPU_mem",
-                *(f"{_label(k)}_loss" for k in loss_names),
+                *(_label(k) if k in NOT_LOSSES else f"{_label(k)}_loss" for k in loss_names),
                 "Instances",
                 "Size",
             )
@@ -508,6 +509,11 @@ def parse_opt(known: bool = False, args: list[str] | None = None) -> argparse.Na
         "--distill-balance", action=argparse.BooleanOptionalAction, default=True,
         help="hold the output terms' gradient at the head outputs at most as large as the detection loss's, batch by "
         "batch (default on; --no-distill-balance: the terms at their weights as they are)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--distill-gate", action=argparse.BooleanOptionalAction, default=False,
+        help="scale every distillation term, batch by batch, by how much better the teacher fits the labelled batch "
+        "than the student: clamp(1 - teacher's detection loss / student's, 0, 1)",
     )  # fmt: skip
     parser.add_argument(
         "--adapter-warmup", type=float, default=None,

@@ -61,6 +61,7 @@ LEGACY_OPTIONS = {
     "distill_precision": "fp32",  # teacher and adapters ran in float32
     "adapter_warmup": 0.0,  # the adapters trained with the student from the first step
     "distill_balance": False,  # the output terms' gradient was not held to the detection loss's
+    "distill_gate": False,  # the terms were not scaled by how much better the teacher fits each batch
 }
 
 
@@ -209,6 +210,7 @@ class Distiller:
         term_settings: dict[str, float] | None = None,
         balance: bool = True,
         pseudo_conf: float = 0.5,
+        gate: bool = False,
     ):
         weights = {name: float((weights or {}).get(name, 0.0)) for name in TERMS if name != "imitation"}
         # terms the user asked for by flag: refused with one line where the teacher cannot serve them; the others
@@ -264,6 +266,15 @@ class Distiller:
                 if asked:
                     raise
                 self._drop([k for k in self.loss_weights if TERMS[k].outputs], str(e).split(": ", 1)[-1].split(";")[0])
+        self.gate = bool(gate)  # ComputeLoss(gated=...): every term scaled by how much better the teacher fits
+        if self.gate:
+            try:
+                check_heads(self.teacher, student, self.teacher_path, same_anchors=False)
+            except UserError as e:
+                self.gate = False
+                LOGGER.info(
+                    f"{colorstr('Distillation: ')}--distill-gate off: {str(e).split(': ', 1)[-1].split(';')[0]}"
+                )
         # the image grid both models need: a P6 teacher beside a P5 student needs multiples of 64
         self.stride = max(int(student.stride.max()), int(self.teacher.stride.max()), 32)
         s_channels = feature_channels(student, self.student_layers, 2 * self.stride)
@@ -295,6 +306,8 @@ class Distiller:
             text += "; " + ", ".join(f"{s.name} {self.term_settings[s.name]:g}" for s in own)
         if self.outputs and self.balance:
             text += "; output terms' gradient held at most the detection loss's (--no-distill-balance: off)"
+        if self.gate:
+            text += "; terms scaled by how much better the teacher fits each batch (--distill-gate)"
         if self.imitate and self.adapter_warmup:
             text += f"; adapters warm up alone for {self.adapter_warmup:g} epochs (--adapter-warmup)"
         if self.cpu_bf16:
@@ -376,7 +389,7 @@ class Distiller:
         # Teacher first: its intermediate maps are freed before the student's forward keeps its own for backward,
         # which lowers peak memory (on CPU: 730 vs 753 ms a step and no page faults vs 6,400; benchmarks/RESULTS.md).
         layers = self.teacher_layers if imitate else []
-        if self.outputs or unlabeled:
+        if self.outputs or unlabeled or self.gate:
             teacher, teacher_preds = teacher_outputs(self.teacher, imgs, layers)
         else:
             teacher = teacher_features(self.teacher, imgs, layers, float32=False)  # fp16 on CUDA
@@ -399,7 +412,7 @@ class Distiller:
             inputs.update(student=adapted, teacher=teacher, mask=masks, level_weights=self.level_weights)
         else:
             preds = student(imgs)
-        if self.outputs:
+        if self.outputs or self.gate:
             inputs.update(teacher_preds=teacher_preds, teacher_anchors=self.teacher.model[-1].anchors)
         return preds, inputs
 
@@ -486,6 +499,7 @@ class Distiller:
             "adapter_warmup": self.adapter_warmup,
             "distill_balance": self.balance,
             "pseudo_conf": self.pseudo_conf,
+            "distill_gate": self.gate,
         }
 
     def state_dict(self) -> dict:
@@ -510,7 +524,7 @@ class Distiller:
     def options_from_state(state: dict) -> dict:
         """train.py options that rebuild this distillation on --resume (older checkpoints: only what they hold)."""
         keys = ("iou_factor", "imitation_region", "adapter_kernel", "imitation_reduce", "imitation_boxes",
-                "distill_precision", "adapter_warmup", "distill_balance", "pseudo_conf", *_all_settings())  # fmt: skip
+                "distill_precision", "adapter_warmup", "distill_balance", "pseudo_conf", "distill_gate", *_all_settings())  # fmt: skip
         keys += tuple(f"{name}_weight" for name in TERMS)
         opts = {k: state[k] for k in keys if k in state}
         for k, v in LEGACY_OPTIONS.items():  # what runs from before each option trained with

@@ -81,6 +81,7 @@ def build_distiller(
         precision=opt.distill_precision, explicit=explicit, adapter_warmup=opt.adapter_warmup,
         balance=getattr(opt, "distill_balance", LEGACY_OPTIONS["distill_balance"]),
         pseudo_conf=getattr(opt, "pseudo_conf", 0.5),
+        gate=getattr(opt, "distill_gate", LEGACY_OPTIONS["distill_gate"]),
     )  # fmt: skip
     if resume_state:
         distiller.load_state_dict(resume_state)

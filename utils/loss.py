@@ -78,6 +78,9 @@ class ComputeLoss:
             teacher (or at a weight too high for the data) then cannot drown the detection loss's own gradient.
         unlabeled: names among terms that also run on unlabelled images (unlabeled_loss); their items are
             '{name}_u', so each stream's share is logged on its own (train/kd_loss, train/kd_u_loss).
+        gated: every distillation term is multiplied, batch by batch, by teacher_gate: how much better the teacher
+            fits the labelled batch than the student (1 far behind, 0 once the student fits it as well); the
+            unlabelled terms by the same step's gate. Needs the teacher's head outputs (teacher_preds).
     """
 
     sort_obj_iou = False  # YOLOv5 default: no sorting, so overlapping targets in a cell write in target order
@@ -90,6 +93,7 @@ class ComputeLoss:
         terms: dict[str, tuple[float, Callable[..., torch.Tensor]]] | None = None,
         balanced: Collection[str] = (),
         unlabeled: Collection[str] = (),
+        gated: bool = False,
     ):
         device = next(model.parameters()).device
         h = hyp
@@ -112,6 +116,8 @@ class ComputeLoss:
         self.balanced = tuple(name for name in self.terms if name in set(balanced))
         self.unlabeled = tuple(name for name in self.terms if name in set(unlabeled))
         self.detection_norm = None  # |d detection / d preds| of the latest labelled batch (balanced terms only)
+        self.gated = bool(gated)  # every term scaled by teacher_gate, batch by batch (needs the teacher's outputs)
+        self.gate = None  # the latest labelled batch's teacher_gate
         clash = set(self.terms) & set(self.detection_names)
         if clash:
             raise ValueError(f"ComputeLoss: distillation terms may not be named {sorted(clash)}")
@@ -122,7 +128,8 @@ class ComputeLoss:
     def names(self) -> tuple[str, ...]:
         """Keys of the loss items, in logging order: YOLOv5's three, the distillation terms switched on, then those
         terms on unlabelled images ('{name}_u')."""
-        return self.detection_names + tuple(self.terms) + tuple(f"{name}_u" for name in self.unlabeled)
+        gate = ("gate",) if self.gated else ()  # logged beside the terms (train/gate), never part of the loss
+        return self.detection_names + tuple(self.terms) + tuple(f"{name}_u" for name in self.unlabeled) + gate
 
     def __call__(
         self,
@@ -145,9 +152,50 @@ class ComputeLoss:
             loss: 0-dim, (box + obj + cls + distillation terms) * B, each term already weighted by its gain.
             items: name -> detached 0-dim weighted term (see `names`).
         """
+        lbox, lobj, lcls = self._detection(p, targets)
+        items = {"box": lbox * self.hyp["box"], "obj": lobj * self.hyp["obj"], "cls": lcls * self.hyp["cls"]}
+        if self.terms:
+            inputs = dict(preds=p, anchors=self.anchors, balance=self.balance, **distill)
+            for name, (weight, loss) in self.terms.items():
+                items[name] = weight * loss(**inputs).to(self.device)
+            if self.balanced and torch.is_grad_enabled() and p[0].requires_grad:
+                self.detection_norm = _grad_norm(items["box"] + items["obj"] + items["cls"], p)
+                scale = _balance(self.detection_norm, [items[k] for k in self.balanced], p)
+                for name in self.balanced:
+                    items[name] = items[name] * scale
+            if self.gated and distill.get("teacher_preds") is not None:
+                self.gate = self.teacher_gate(items, distill["teacher_preds"], distill.get("teacher_anchors"), targets)
+                for name in self.terms:
+                    items[name] = items[name] * self.gate
+        bs = p[0].shape[0]
+        loss, items = sum(items.values()) * bs, {k: v.detach() for k, v in items.items()}
+        if self.gated:
+            items.update({f"{k}_u": torch.zeros((), device=self.device) for k in self.unlabeled})
+            items["gate"] = self.gate if self.gate is not None else torch.ones((), device=self.device)
+        return loss, items
+
+    def teacher_gate(
+        self, items: dict, teacher_preds: list[torch.Tensor], teacher_anchors: torch.Tensor | None, targets
+    ) -> torch.Tensor:
+        """clamp(1 - L_teacher / L_student, 0, 1), 0-dim without gradient: how much better the teacher fits this
+        labelled batch than the student, L = YOLOv5's weighted box + objectness + class loss of each model's raw
+        outputs on the same images and targets (the teacher's with its own anchors). 1 while the student is far
+        behind, falling to 0 as it catches up with the teacher, and 0 where it fits the batch as well or better."""
+        with torch.no_grad():
+            t = [x.detach().float() for x in teacher_preds]
+            lbox, lobj, lcls = self._detection(t, targets, anchors=teacher_anchors, update=False)
+            teacher = lbox * self.hyp["box"] + lobj * self.hyp["obj"] + lcls * self.hyp["cls"]
+            student = (items["box"] + items["obj"] + items["cls"]).detach()
+            return (1 - teacher / student.clamp(min=1e-12)).clamp(0, 1)
+
+    def _detection(
+        self, p: list[torch.Tensor], targets: torch.Tensor, anchors: torch.Tensor | None = None, update: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """YOLOv5's unweighted (box, objectness, class) losses of raw outputs p; anchors: the model's (None: the
+        student's); update: autobalance may move its weights (never for the teacher's outputs)."""
         zero = torch.zeros((), device=self.device)
         lcls, lbox, lobj = zero, zero, zero
-        tcls, tbox, indices, anchors = self.build_targets(p, targets)
+        tcls, tbox, indices, anchors = self.build_targets(p, targets, anchors)
 
         for i, pi in enumerate(p):
             b, a, gj, gi = indices[i]
@@ -176,23 +224,12 @@ class ComputeLoss:
 
             obji = self.BCEobj(pi[..., 4], tobj)
             lobj = lobj + obji * self.balance[i]
-            if self.autobalance:  # kept as a tensor: no host sync
+            if self.autobalance and update:  # kept as a tensor: no host sync
                 self.balance[i] = self.balance[i] * 0.9999 + 0.0001 / obji.detach()
 
-        if self.autobalance:
+        if self.autobalance and update:
             self.balance = [x / self.balance[self.ssi] for x in self.balance]
-        items = {"box": lbox * self.hyp["box"], "obj": lobj * self.hyp["obj"], "cls": lcls * self.hyp["cls"]}
-        if self.terms:
-            inputs = dict(preds=p, anchors=self.anchors, balance=self.balance, **distill)
-            for name, (weight, loss) in self.terms.items():
-                items[name] = weight * loss(**inputs).to(self.device)
-            if self.balanced and torch.is_grad_enabled() and p[0].requires_grad:
-                self.detection_norm = _grad_norm(items["box"] + items["obj"] + items["cls"], p)
-                scale = _balance(self.detection_norm, [items[k] for k in self.balanced], p)
-                for name in self.balanced:
-                    items[name] = items[name] * scale
-        bs = p[0].shape[0]
-        return sum(items.values()) * bs, {k: v.detach() for k, v in items.items()}
+        return lbox, lobj, lcls
 
     def unlabeled_loss(self, p: list[torch.Tensor], **distill) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss of a batch of unlabelled images: the `unlabeled` terms alone, never YOLOv5's box, objectness or class
@@ -204,17 +241,22 @@ class ComputeLoss:
         other item is exactly 0.
         """
         zero = torch.zeros((), device=self.device)
-        items = dict.fromkeys(self.names, zero)
+        items = dict.fromkeys((k for k in self.names if k != "gate"), zero)
         inputs = dict(preds=p, anchors=self.anchors, balance=self.balance, **distill)
         terms = {name: self.terms[name][0] * self.terms[name][1](**inputs).to(self.device) for name in self.unlabeled}
         balanced = [k for k in self.balanced if k in terms]
         if balanced and self.detection_norm is not None and torch.is_grad_enabled() and p[0].requires_grad:
             scale = _balance(self.detection_norm, [terms[k] for k in balanced], p)
             terms.update({k: terms[k] * scale for k in balanced})
+        if self.gated and self.gate is not None:
+            terms = {k: v * self.gate for k, v in terms.items()}
         items.update({f"{name}_u": v for name, v in terms.items()})
-        return sum(items.values()) * p[0].shape[0], {k: v.detach() for k, v in items.items()}
+        loss, items = sum(items.values()) * p[0].shape[0], {k: v.detach() for k, v in items.items()}
+        if self.gated:
+            items["gate"] = zero  # counted once, with the labelled batch's items
+        return loss, items
 
-    def build_targets(self, p: list[torch.Tensor], targets: torch.Tensor):
+    def build_targets(self, p: list[torch.Tensor], targets: torch.Tensor, anchors: torch.Tensor | None = None):
         """Assign each target to anchors and grid cells on every level (YOLOv5 rule).
 
         A target matches an anchor of a level when both side ratios target/anchor lie within 1/anchor_t..anchor_t.
@@ -236,8 +278,9 @@ class ComputeLoss:
         g = 0.5  # neighbour reach, in cells
         off = torch.tensor(_NEIGHBOURS, device=self.device).float() * g
 
+        model_anchors = self.anchors if anchors is None else anchors.to(self.device)
         for i in range(self.nl):
-            anchors, shape = self.anchors[i], p[i].shape
+            anchors, shape = model_anchors[i], p[i].shape
             gain[2:6] = torch.tensor(shape, device=self.device)[[3, 2, 3, 2]].float()  # W, H, W, H
             t = targets * gain  # xywh in grid cells
             if nt:

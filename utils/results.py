@@ -13,13 +13,16 @@ from pathlib import Path
 METRIC_KEYS = ["metrics/precision", "metrics/recall", "metrics/mAP_0.5", "metrics/mAP_0.5:0.95"]
 
 
+NOT_LOSSES = ("gate",)  # logged beside the loss items, not losses: train/gate (ComputeLoss(gated=True))
+
+
 def results_row(loss_names, train_losses, results, lrs) -> dict:
     """One epoch's columns: train/{name}_loss, the four metrics, val/{name}_loss (detection terms only: validation has no teacher), x/lr{group}.
 
     train_losses: mean training loss terms in loss_names order; results: (P, R, mAP50, mAP50-95, *val losses) from
     val.run; lrs: the learning rate of each optimizer group (x/lr0-2 YOLOv5's, x/lr3-4 the FGFI adapters').
     """
-    row = {f"train/{k}_loss": float(v) for k, v in zip(loss_names, train_losses)}
+    row = {f"train/{k}" if k in NOT_LOSSES else f"train/{k}_loss": float(v) for k, v in zip(loss_names, train_losses)}
     row.update(dict(zip(METRIC_KEYS, (float(x) for x in results[:4]))))
     # validation reports the detection terms alone (no teacher there), the first names of the loss dict
     row.update({f"val/{k}_loss": float(v) for k, v in zip(loss_names, results[4:])})
