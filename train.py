@@ -218,10 +218,9 @@ def train(hyp: dict | str, opt: argparse.Namespace, device: torch.device) -> tup
                 plot_labels(labels, names, save_dir)
 
     if RANK != -1:  # the adapters are trained on every rank too; the teacher is replicated, never wrapped
-        ddp = smart_DDP if cuda else nn.parallel.DistributedDataParallel  # NCCL or CPU (gloo)
-        model = ddp(model)
+        model = smart_DDP(model)  # NCCL on CUDA, gloo on CPU: the same static-graph wrapping
         if distiller:
-            distiller.wrap(ddp)
+            distiller.wrap(smart_DDP)
 
     # Loss gains scale with the number of levels, classes and image size, as in YOLOv5
     nl = de_parallel(model).model[-1].nl

@@ -23,7 +23,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ddp_gloo_two_ranks_with_distillation(tmp_path, tiny_data):
+@pytest.mark.parametrize("unlabeled", [False, True])
+def test_ddp_gloo_two_ranks_with_distillation(tmp_path, tiny_data, unlabeled):
+    """The default recipe (FGFI + output terms, balanced) under the static-graph wrapping CUDA runs (smart_DDP); with
+    unlabeled, a stream of unlabelled images beside it (each rank its own share, a second forward per step)."""
     torch.manual_seed(0)
     teacher = DetectionModel("yolov5s.yaml", nc=8)
     save_checkpoint({"epoch": -1, "model": teacher.half(), "ema": None, "optimizer": None}, tmp_path / "t.pt")
@@ -34,6 +37,8 @@ def test_ddp_gloo_two_ranks_with_distillation(tmp_path, tiny_data):
         "--device", "cpu", "--workers", "0", "--noplots", "--ft_weights", str(tmp_path / "t.pt"),
         "--project", str(tmp_path), "--name", "ddp", "--exist-ok", "--save-period", "1",
     ]  # fmt: skip
+    if unlabeled:
+        cmd += ["--unlabeled", str(tiny_data.parent / "images/val"), "--unlabeled-batch-size", "4"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (tmp_path / "done_rank0").exists() and (tmp_path / "done_rank1").exists()
@@ -46,3 +51,5 @@ def test_ddp_gloo_two_ranks_with_distillation(tmp_path, tiny_data):
         assert torch.equal(ckpt["distill"]["adapters"][k].float(), a0[k].float())
     assert type(ckpt["model"]) is DetectionModel
     assert "distill" not in load_checkpoint(tmp_path / "ddp/weights/last.pt")  # finished: a plain YOLOv5 checkpoint
+    columns = (tmp_path / "ddp/results.csv").read_text().splitlines()[0]
+    assert "train/kd_loss" in columns and ("train/kd_u_loss" in columns) == unlabeled

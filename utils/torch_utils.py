@@ -267,8 +267,11 @@ def smart_optimizer(
 
 
 def smart_DDP(model: nn.Module) -> DDP:
-    """Wrap in DistributedDataParallel on LOCAL_RANK (static graph, as YOLOv5 does on torch >= 1.11)."""
-    return DDP(model, device_ids=[LOCAL_RANK], output_device=LOCAL_RANK, static_graph=True)
+    """Wrap in DistributedDataParallel with a static graph, as YOLOv5 does on torch >= 1.11: on GPU LOCAL_RANK (NCCL),
+    on CPU (gloo) the same wrapping without device ids, so that the CPU DDP tests run what CUDA runs."""
+    cuda = next(model.parameters()).device.type == "cuda"
+    ids = [LOCAL_RANK] if cuda else None
+    return DDP(model, device_ids=ids, output_device=LOCAL_RANK if cuda else None, static_graph=True)
 
 
 def smart_resume(ckpt: dict, optimizer, ema: ModelEMA | None = None, weights="yolov5s.pt", epochs=300, resume=True):
