@@ -406,6 +406,8 @@ def parse_opt(args: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(opt: argparse.Namespace) -> None:
+    if opt.half and (opt.device == "cpu" or not torch.cuda.is_available()):
+        LOGGER.info("--half ignored: FP16 inference runs on CUDA only; this runs in FP32 on the CPU")
     if opt.task in ("train", "val", "test"):
         if opt.conf_thres > 0.001:
             LOGGER.info(f"WARNING: confidence threshold {opt.conf_thres} > 0.001 gives invalid mAP")

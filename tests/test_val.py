@@ -299,6 +299,14 @@ def test_speed_task(monkeypatch, dataset, tmp_path, log):
     assert not list((tmp_path / "exp").iterdir())  # no plots, no json
 
 
+def test_half_on_cpu_says_it_runs_fp32(monkeypatch, dataset, tmp_path, log):
+    monkeypatch.setattr(val, "attempt_load", lambda *a, **k: FakeDetector())
+    opt = val.parse_opt(["--data", str(dataset), "--img", "64", "--device", "cpu", "--half", "--project",
+                         str(tmp_path), "--workers", "0"])  # fmt: skip
+    val.main(opt)
+    assert any("--half ignored: FP16 inference runs on CUDA only" in line for line in log.lines)
+
+
 def test_cli_user_error_has_no_traceback(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(sys, "argv", ["val.py", "--data", str(tmp_path / "missing.yaml")])
     with pytest.raises(SystemExit) as e:
