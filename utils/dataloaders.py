@@ -548,6 +548,11 @@ class _RepeatSampler:
             yield from iter(self.sampler)
 
 
+def _num_workers(batch_size: int, workers: int) -> int:
+    """Loader processes: at most --workers, the CPUs per GPU and the batch size (0 for batches of one: no workers)."""
+    return min([os.cpu_count() // max(torch.cuda.device_count(), 1), batch_size if batch_size > 1 else 0, workers])
+
+
 def create_dataloader(
     path,
     imgsz: int,
@@ -601,8 +606,7 @@ def create_dataloader(
             seed=seed,
         )
     batch_size = min(batch_size, len(dataset))
-    nd = torch.cuda.device_count()
-    nw = min([os.cpu_count() // max(nd, 1), batch_size if batch_size > 1 else 0, workers])
+    nw = _num_workers(batch_size, workers)
     sampler = None
     if augment or shuffle or rank != -1:
         ddp = rank != -1  # this process's share of each epoch: global rank RANK of WORLD_SIZE
@@ -644,8 +648,7 @@ def create_unlabeled_loader(
         seed=item_seed(seed, 1),  # not the labelled set's augmentation draws
         unlabeled=True,
     )  # fmt: skip
-    nd = torch.cuda.device_count()
-    nw = min([os.cpu_count() // max(nd, 1), batch_size if batch_size > 1 else 0, workers])
+    nw = _num_workers(batch_size, workers)
     sampler = StreamSampler(len(dataset), dataset.seed, start, max(RANK, 0), WORLD_SIZE)
     generator = torch.Generator()
     generator.manual_seed(6148914691236517205 + seed + RANK + 1)
