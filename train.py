@@ -328,9 +328,8 @@ def train(hyp: dict | str, opt: argparse.Namespace, device: torch.device) -> tup
                     loss *= 4.0
 
             scaler.scale(loss).backward()
-            if (
-                unlabeled is not None
-            ):  # the same step's unlabelled images: the distillation terms alone (own forward, backward)
+            # the same step's unlabelled images: the distillation terms alone (their own forward and backward)
+            if unlabeled is not None:
                 uimgs = next(unlabeled)[0].to(device, non_blocking=True).float() / 255
                 if uimgs.shape[2:] != imgs.shape[2:]:  # --multi-scale: the labelled batch's size
                     uimgs = nn.functional.interpolate(uimgs, size=imgs.shape[2:], mode="bilinear", align_corners=False)
