@@ -258,23 +258,19 @@ class Distiller:
         self.matched = self.imitation_boxes == "matched" or (self.imitation_boxes == "auto" and several)
         # the output terms compare the heads anchor by anchor; objectness and class also need the same anchor sizes
         self.same_anchors = any(TERMS[k].same_anchors for k in self.loss_weights)
-        if self.outputs:
-            try:
-                check_heads(self.teacher, student, self.teacher_path, same_anchors=False)
-            except UserError as e:
-                asked = [k for k in self.loss_weights if TERMS[k].outputs and k in self.explicit]
-                if asked:
-                    raise
-                self._drop([k for k in self.loss_weights if TERMS[k].outputs], str(e).split(": ", 1)[-1].split(";")[0])
         self.gate = bool(gate)  # ComputeLoss(gated=...): every term scaled by how much better the teacher fits
-        if self.gate:
+        if self.outputs or self.gate:  # both read the teacher's head as the student's: one check serves both
             try:
                 check_heads(self.teacher, student, self.teacher_path, same_anchors=False)
             except UserError as e:
-                self.gate = False
-                LOGGER.info(
-                    f"{colorstr('Distillation: ')}--distill-gate off: {str(e).split(': ', 1)[-1].split(';')[0]}"
-                )
+                why = str(e).split(": ", 1)[-1].split(";")[0]
+                if self.outputs:
+                    if any(TERMS[k].outputs and k in self.explicit for k in self.loss_weights):
+                        raise
+                    self._drop([k for k in self.loss_weights if TERMS[k].outputs], why)
+                if self.gate:
+                    self.gate = False
+                    LOGGER.info(f"{colorstr('Distillation: ')}--distill-gate off: {why}")
         # the image grid both models need: a P6 teacher beside a P5 student needs multiples of 64
         self.stride = max(int(student.stride.max()), int(self.teacher.stride.max()), 32)
         s_channels = feature_channels(student, self.student_layers, 2 * self.stride)
