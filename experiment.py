@@ -93,6 +93,9 @@ OUTPUT_ARMS = {
     "fgfi+kd-nobal": {**KD, "distill_balance": False},
     # the default recipe, every term scaled by how much better the teacher fits each batch (--distill-gate)
     "default-gate": {"distill_gate": True},
+    # the default recipe with the terms' gradient stepped by its own Adam moments (--distill-decouple; AdamW presets)
+    "default-decouple": {"distill_decouple": True},
+    "default-gate-decouple": {"distill_gate": True, "distill_decouple": True},
 }
 ALL_BOXES = {"imitation_boxes": "all"}
 ABLATION_ARMS = {

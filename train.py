@@ -16,6 +16,7 @@ import random
 import shutil
 import sys
 import time
+from contextlib import nullcontext
 from datetime import timedelta
 from pathlib import Path
 
@@ -36,6 +37,8 @@ from distill import BOXES, PRECISIONS, REGIONS  # noqa: E402
 from distill.options import (  # noqa: E402
     build_distiller,
     check_distill_options,
+    decoupled_step,
+    distill_state,
     resolve_distill_options,
     resume_distill_options,
     unlabeled_source,
@@ -150,6 +153,7 @@ def train(hyp: dict | str, opt: argparse.Namespace, device: torch.device) -> tup
     optimizer = smart_optimizer(model, opt.optimizer, hyp["lr0"], hyp["momentum"], hyp["weight_decay"])
     for group in distiller.param_groups(hyp["weight_decay"]) if distiller else []:
         optimizer.add_param_group(group)
+    decoupled = decoupled_step(distiller, optimizer, RANK != -1, ckpt if resume else None)
 
     if opt.cos_lr:
         lf = one_cycle(1, hyp["lrf"], epochs)
@@ -321,13 +325,20 @@ def train(hyp: dict | str, opt: argparse.Namespace, device: torch.device) -> tup
                     if distiller
                     else (model(imgs), {})
                 )
-                loss, items = compute_loss(pred, targets, **imitation)
+                if decoupled:  # the detection loss and the terms apart, each into its own gradient
+                    loss, loss_terms, items = compute_loss.split(pred, targets, **imitation)
+                else:
+                    loss, items = compute_loss(pred, targets, **imitation)
                 if RANK != -1:
                     loss *= WORLD_SIZE  # gradients are averaged across ranks
                 if opt.quad:
                     loss *= 4.0
+                    loss_terms = loss_terms * 4.0 if decoupled else None
 
-            scaler.scale(loss).backward()
+            if decoupled:
+                decoupled.backward(scaler, loss, loss_terms)
+            else:
+                scaler.scale(loss).backward()
             # the same step's unlabelled images: the distillation terms alone (their own forward and backward)
             if unlabeled is not None:
                 uimgs = next(unlabeled)[0].to(device, non_blocking=True).float() / 255
@@ -338,12 +349,15 @@ def train(hyp: dict | str, opt: argparse.Namespace, device: torch.device) -> tup
                 with torch.autocast(device_type=device.type, enabled=amp):
                     pred_u, inputs_u = distiller(model, uimgs, None, adapters_only=ni < adapter_warmup)
                     loss_u, items_u = compute_loss.unlabeled_loss(pred_u, **inputs_u)
-                scaler.scale(loss_u * WORLD_SIZE if RANK != -1 else loss_u).backward()
+                with decoupled.terms_grads() if decoupled else nullcontext():
+                    scaler.scale(loss_u * WORLD_SIZE if RANK != -1 else loss_u).backward()
                 items = {k: items.get(k, 0) + items_u[k] for k in loss_names}
             if ni - last_opt_step >= accumulate:
                 scaler.unscale_(optimizer)
                 clip_gradients([model.parameters()] + ([distiller.parameters()] if distiller else []), max_norm=10.0)
                 scaler.step(optimizer)
+                if decoupled:
+                    decoupled.step(scaler)
                 scaler.update()
                 optimizer.zero_grad()
                 if ema:
@@ -391,9 +405,8 @@ def train(hyp: dict | str, opt: argparse.Namespace, device: torch.device) -> tup
                     stopper=(stopper.best_fitness, stopper.best_epoch),
                 )  # fmt: skip
                 ckpt = training_checkpoint(
-                    epoch, best_fitness, model, ema, optimizer, opt, distiller.state_dict() if distiller else None,
-                    state,
-                )  # fmt: skip
+                    epoch, best_fitness, model, ema, optimizer, opt, distill_state(distiller, decoupled), state
+                )
                 if best_fitness == fi:
                     save_checkpoint(ckpt, best)
                 if opt.save_period > 0 and epoch % opt.save_period == 0:
@@ -512,6 +525,11 @@ def parse_opt(known: bool = False, args: list[str] | None = None) -> argparse.Na
         "--distill-gate", action=argparse.BooleanOptionalAction, default=False,
         help="scale every distillation term, batch by batch, by how much better the teacher fits the labelled batch "
         "than the student: clamp(1 - teacher's detection loss / student's, 0, 1)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--distill-decouple", action=argparse.BooleanOptionalAction, default=False,
+        help="Adam/AdamW: step the distillation terms' gradient with its own moments (a second backward pass), so the "
+        "detection loss's step stays the student's own; no effect under SGD",
     )  # fmt: skip
     parser.add_argument(
         "--adapter-warmup", type=float, default=None,

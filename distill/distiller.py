@@ -62,6 +62,7 @@ LEGACY_OPTIONS = {
     "adapter_warmup": 0.0,  # the adapters trained with the student from the first step
     "distill_balance": False,  # the output terms' gradient was not held to the detection loss's
     "distill_gate": False,  # the terms were not scaled by how much better the teacher fits each batch
+    "distill_decouple": False,  # the terms' gradient was added to the detection loss's (one optimizer step)
 }
 
 
@@ -172,6 +173,8 @@ class Distiller:
             missing ones are 0 (off).
         balance: hold the output terms' gradient at the head outputs, batch by batch, at most as large as the
             detection loss's (ComputeLoss(balanced=...); --distill-balance).
+        decouple: read by train.py: under Adam/AdamW the terms' gradient is stepped with its own moments
+            (distill/optim.py; --distill-decouple). Kept here so that --resume restores it.
         term_settings: the terms' own settings by name (distill.terms.Setting: kd_temperature, ...); missing ones
             take their defaults. kd_temperature: the same as term_settings={"kd_temperature": ...}.
         imitation_reduce: how several imitated layers' terms combine (distill.terms.level_weights): 'sum', 'mean' or
@@ -211,6 +214,7 @@ class Distiller:
         balance: bool = True,
         pseudo_conf: float = 0.5,
         gate: bool = False,
+        decouple: bool = False,
     ):
         weights = {name: float((weights or {}).get(name, 0.0)) for name in TERMS if name != "imitation"}
         # terms the user asked for by flag: refused with one line where the teacher cannot serve them; the others
@@ -219,6 +223,7 @@ class Distiller:
         check_range("--adapter-warmup", adapter_warmup, 0, hint="epochs; 0 = from the first step")
         self.adapter_warmup = float(adapter_warmup)
         self.balance = bool(balance)
+        self.decouple = bool(decouple)  # train.py's: the terms' gradient its own Adam moments (distill/optim.py)
         check_range("--pseudo-conf", pseudo_conf, 0, 1, hint="1 = FGFI on labelled images only")
         self.pseudo_conf = float(pseudo_conf)
         given = dict(term_settings or {})
@@ -496,6 +501,7 @@ class Distiller:
             "distill_balance": self.balance,
             "pseudo_conf": self.pseudo_conf,
             "distill_gate": self.gate,
+            "distill_decouple": self.decouple,
         }
 
     def state_dict(self) -> dict:
@@ -520,7 +526,8 @@ class Distiller:
     def options_from_state(state: dict) -> dict:
         """train.py options that rebuild this distillation on --resume (older checkpoints: only what they hold)."""
         keys = ("iou_factor", "imitation_region", "adapter_kernel", "imitation_reduce", "imitation_boxes",
-                "distill_precision", "adapter_warmup", "distill_balance", "pseudo_conf", "distill_gate", *_all_settings())  # fmt: skip
+                "distill_precision", "adapter_warmup", "distill_balance", "pseudo_conf", "distill_gate", "distill_decouple",
+                *_all_settings())  # fmt: skip
         keys += tuple(f"{name}_weight" for name in TERMS)
         opts = {k: state[k] for k in keys if k in state}
         for k, v in LEGACY_OPTIONS.items():  # what runs from before each option trained with

@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 from distill.distiller import LEGACY_OPTIONS, Distiller, check_settings, parse_imitation_layers
+from distill.optim import DecoupledStep, decouple_refusal
 from distill.terms import TERMS, term_settings, term_weights
-from utils.general import LOGGER, UserError, check_range
+from utils.general import LOGGER, UserError, check_range, colorstr
 
 MAX_ADAPTER_KERNEL = 7  # an adapter conv of 9x9 and up costs many times the step for nothing the paper uses
 
@@ -82,6 +83,7 @@ def build_distiller(
         balance=getattr(opt, "distill_balance", LEGACY_OPTIONS["distill_balance"]),
         pseudo_conf=getattr(opt, "pseudo_conf", 0.5),
         gate=getattr(opt, "distill_gate", LEGACY_OPTIONS["distill_gate"]),
+        decouple=getattr(opt, "distill_decouple", LEGACY_OPTIONS["distill_decouple"]),
     )  # fmt: skip
     if resume_state:
         distiller.load_state_dict(resume_state)
@@ -92,6 +94,34 @@ def build_distiller(
                 f"{distiller.precision} on this machine, so the resumed run is not bit-exact"
             )
     return distiller
+
+
+def decoupled_step(
+    distiller: Distiller | None, optimizer: torch.optim.Optimizer, ddp: bool, ckpt: dict | None = None
+) -> DecoupledStep | None:
+    """--distill-decouple: the terms' own optimizer step (None when off, or with one line where it cannot run);
+    ckpt: a resumed run's checkpoint, whose terms' optimizer state it continues from."""
+    if distiller is None or not distiller.decouple:
+        return None
+    why = decouple_refusal(optimizer, ddp)
+    if why:
+        LOGGER.info(f"{colorstr('Distillation: ')}--distill-decouple off: {why}")
+        return None
+    decoupled = DecoupledStep(optimizer)
+    state = (ckpt or {}).get("distill") or {}
+    if state.get("decoupled") is not None:
+        decoupled.load_state_dict(state["decoupled"])
+    LOGGER.info(
+        f"{colorstr('Distillation: ')}the terms' gradient is stepped with its own Adam moments (--distill-decouple)"
+    )
+    return decoupled
+
+
+def distill_state(distiller: Distiller | None, decoupled: DecoupledStep | None) -> dict | None:
+    """The checkpoint's 'distill' entry: the Distiller's state and the terms' optimizer state (None without one)."""
+    if distiller is None:
+        return None
+    return {**distiller.state_dict(), "decoupled": decoupled.state_dict() if decoupled else None}
 
 
 def resume_distill_options(ckpt: dict) -> dict:

@@ -76,14 +76,18 @@ def _float_tensors(ckpt: dict) -> dict[str, torch.Tensor]:
     out.update({f"adapters.{k}": v for k, v in ckpt["distill"]["adapters"].items()})
     for i, state in ckpt["optimizer"]["state"].items():
         out.update({f"optimizer.{i}.{k}": v for k, v in state.items() if isinstance(v, torch.Tensor)})
+    for i, state in ((ckpt["distill"].get("decoupled") or {}).get("state") or {}).items():  # --distill-decouple
+        out.update({f"decoupled.{i}.{k}": v for k, v in state.items() if isinstance(v, torch.Tensor)})
     return out
 
 
 @pytest.mark.parametrize("unlabeled", [False, True])
 def test_sigkill_mid_epoch_then_resume_is_bit_exact(tmp_path, tiny_data, teacher_pt, unlabeled):
     """unlabeled: with a stream of unlabelled images (the val images, 2 a step) beside the labelled ones, whose order
-    and augmentations the resumed run must continue exactly (they reach the weights through the output terms)."""
+    and augmentations the resumed run must continue exactly (they reach the weights through the output terms); and
+    under AdamW with --distill-decouple, whose terms' optimizer state the resumed run must continue too."""
     extra = ["--unlabeled", str(tiny_data.parent / "images/val"), "--unlabeled-batch-size", "2"] if unlabeled else []
+    extra += ["--optimizer", "AdamW", "--distill-decouple"] if unlabeled else []
     _run(_command(tiny_data, teacher_pt, tmp_path, "alone") + extra)
     cmd = _command(tiny_data, teacher_pt, tmp_path, "killed") + extra
     wdir = tmp_path / "killed/weights"
@@ -104,6 +108,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_exact(tmp_path, tiny_data, teacher
     csv_a, csv_b = (pd.read_csv(d / "results.csv") for d in (tmp_path / "alone", tmp_path / "killed"))
     pd.testing.assert_frame_equal(csv_a, csv_b, check_exact=True)
     assert ("train/kd_u_loss" in csv_a.columns.str.strip()) == unlabeled
+    assert any(k.startswith("decoupled.") for k in alone) == unlabeled
     # --save-period: every epoch's file exists after the kill, the redone epoch included
     assert sorted(p.name for p in wdir.glob("epoch*.pt")) == [f"epoch{e}.pt" for e in range(EPOCHS)]
     assert not list(wdir.glob(".*.tmp"))

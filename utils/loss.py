@@ -152,6 +152,22 @@ class ComputeLoss:
             loss: 0-dim, (box + obj + cls + distillation terms) * B, each term already weighted by its gain.
             items: name -> detached 0-dim weighted term (see `names`).
         """
+        items = self._items(p, targets, distill)
+        loss = sum(items.values()) * p[0].shape[0]
+        return loss, self._logged(items)
+
+    def split(
+        self, p: list[torch.Tensor], targets: torch.Tensor, **distill
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """As __call__, with the loss in two parts: (box + obj + cls) * B and (the distillation terms) * B (0 without
+        terms), for a gradient of each (distill.optim.DecoupledStep); items as __call__'s."""
+        items, bs = self._items(p, targets, distill), p[0].shape[0]
+        detection = (items["box"] + items["obj"] + items["cls"]) * bs
+        terms = [v for k, v in items.items() if k not in self.detection_names]
+        return detection, sum(terms) * bs if terms else torch.zeros((), device=self.device), self._logged(items)
+
+    def _items(self, p: list[torch.Tensor], targets: torch.Tensor, distill: dict) -> dict[str, torch.Tensor]:
+        """Every weighted term of the loss, with gradient: box, obj, cls and the distillation terms switched on."""
         lbox, lobj, lcls = self._detection(p, targets)
         items = {"box": lbox * self.hyp["box"], "obj": lobj * self.hyp["obj"], "cls": lcls * self.hyp["cls"]}
         if self.terms:
@@ -167,12 +183,16 @@ class ComputeLoss:
                 self.gate = self.teacher_gate(items, distill["teacher_preds"], distill.get("teacher_anchors"), targets)
                 for name in self.terms:
                     items[name] = items[name] * self.gate
-        bs = p[0].shape[0]
-        loss, items = sum(items.values()) * bs, {k: v.detach() for k, v in items.items()}
+        return items
+
+    def _logged(self, items: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The items as logged: detached, with every name in `names` (the '{name}_u' items 0 on a labelled batch
+        with the gate on, which logs the gate beside them)."""
+        items = {k: v.detach() for k, v in items.items()}
         if self.gated:
             items.update({f"{k}_u": torch.zeros((), device=self.device) for k in self.unlabeled})
             items["gate"] = self.gate if self.gate is not None else torch.ones((), device=self.device)
-        return loss, items
+        return items
 
     def teacher_gate(
         self, items: dict, teacher_preds: list[torch.Tensor], teacher_anchors: torch.Tensor | None, targets
