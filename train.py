@@ -125,7 +125,8 @@ def train(hyp: dict | str, opt: argparse.Namespace, device: torch.device) -> tup
     names = {0: "item"} if single_cls and len(data_dict["names"]) != 1 else data_dict["names"]
 
     # Student: a checkpoint's weights transferred into a fresh model (nc may differ), or a YAML from scratch
-    model, ckpt, pretrained_head = load_student(weights, cfg, nc, hyp.get("anchors"), resume, device)
+    with torch_distributed_zero_first(LOCAL_RANK):  # DDP: rank 0 fetches a weights name (yolov5s.pt), then the rest
+        model, ckpt, pretrained_head = load_student(weights, cfg, nc, hyp.get("anchors"), resume, device)
     amp = cuda  # mixed precision on CUDA only
 
     freeze = [f"model.{x}." for x in (freeze if len(freeze) > 1 else range(freeze[0]))]
@@ -139,7 +140,8 @@ def train(hyp: dict | str, opt: argparse.Namespace, device: torch.device) -> tup
     distiller = None
     if opt.ft_weights:
         state = ckpt.get("distill") if ckpt is not None and resume else None
-        distiller = build_distiller(opt, model, device, hyp, explicit, resume_state=state)
+        with torch_distributed_zero_first(LOCAL_RANK):  # a teacher by name too
+            distiller = build_distiller(opt, model, device, hyp, explicit, resume_state=state)
         distiller.check_student(model, adopt_anchors=not (weights or resume))  # --kd-weight: the teacher's anchors
     gs = max(int(model.stride.max()), distiller.stride if distiller else 0, 32)  # a P6 teacher needs 64
     imgsz = check_img_size(opt.imgsz, gs, floor=gs * 2)
