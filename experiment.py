@@ -204,7 +204,10 @@ def run_experiment(
     if Path(teacher).resolve() == TEACHER.resolve():
         check_teacher_fingerprint(cfg["data"], data_dict["path"])
 
-    rows, curves = [_validate("teacher", None, teacher, cfg, project)], {}
+    try:
+        rows, curves = [_validate("teacher", None, teacher, cfg, project)], {}
+    except UserError as e:  # val.py names its own flag (e.g. a teacher of other classes): here it is --teacher
+        raise UserError(str(e).replace("--weights", "--teacher", 1)) from None
     teacher_sha = _sha256(teacher)
     for seed in seeds:
         for arm in arms:

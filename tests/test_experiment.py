@@ -14,6 +14,7 @@ import yaml
 
 import experiment
 from data.synthetic import NAMES, dataset_fingerprint, generate_dataset
+from tests.conftest import save_random_model
 from utils.checkpoint import load_checkpoint
 from utils.general import UserError
 
@@ -208,6 +209,9 @@ def test_own_data_and_a_pretrained_student(tmp_path, tiny_data):
         assert (opt["weights"], opt["cfg"], opt["batch_size"], opt["imgsz"]) == (str(student.resolve()), "", 4, 64)
         record = json.loads((project / f"{arm}-seed0/experiment.json").read_text())
         assert record["settings"]["student_sha256"] and record["settings"]["data"] == str(tiny_data)
+    other = save_random_model("yolov5n", tmp_path / "coco_teacher.pt", nc=80)  # a teacher of other classes
+    with pytest.raises(UserError, match=r"^--teacher .*coco_teacher.pt has 80 classes but --data .* has 8"):
+        experiment.run_experiment("cpu", project=project, data=str(tiny_data), teacher=str(other), arms=["kd"])
     for kwargs, flag in ((dict(imgsz=0), "--imgsz"), (dict(batch=0), "--batch-size"), (dict(epochs=0), "--epochs"),
                          (dict(student_weights=str(tmp_path / "none.pt")), "--student-weights")):  # fmt: skip
         with pytest.raises(UserError, match=flag):
