@@ -96,6 +96,7 @@ OUTPUT_ARMS = {
     # the default recipe with the terms' gradient stepped by its own Adam moments (--distill-decouple; AdamW presets)
     "default-decouple": {"distill_decouple": True},
     "default-gate-decouple": {"distill_gate": True, "distill_decouple": True},
+    "coupled": {"distill_decouple": False},  # the default recipe's terms, their gradient added to the detection loss's
 }
 ALL_BOXES = {"imitation_boxes": "all"}
 ABLATION_ARMS = {
@@ -213,9 +214,9 @@ def run_experiment(
         for arm in arms:
             name = f"{arm}-seed{seed}"
             precision = cfg.get("distill_precision") or "auto"
-            extra = (
-                {} if ARMS[arm] is None else {"ft_weights": str(teacher), "distill_precision": precision, **ARMS[arm]}
-            )
+            # distill_decouple None: train.py's default, recorded so that runs of the recipe before it are not reused
+            distilled = {"ft_weights": str(teacher), "distill_precision": precision, "distill_decouple": None}
+            extra = {} if ARMS[arm] is None else {**distilled, **ARMS[arm]}
             if extra.get("unlabeled"):
                 extra["unlabeled"] = cfg["unlabeled_images"]
             settings = {**common, **extra, "cfg": cfg["student"], "seed": seed, "name": name}

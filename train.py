@@ -529,9 +529,10 @@ def parse_opt(known: bool = False, args: list[str] | None = None) -> argparse.Na
         "than the student: clamp(1 - teacher's detection loss / student's, 0, 1)",
     )  # fmt: skip
     parser.add_argument(
-        "--distill-decouple", action=argparse.BooleanOptionalAction, default=False,
+        "--distill-decouple", action=argparse.BooleanOptionalAction, default=None,
         help="Adam/AdamW: step the distillation terms' gradient with its own moments (a second backward pass), so the "
-        "detection loss's step stays the student's own; no effect under SGD",
+        "detection loss's step stays the student's own (default: on under Adam/AdamW on one process; no effect under "
+        "SGD; --no-distill-decouple: one step of the summed gradient)",
     )  # fmt: skip
     parser.add_argument(
         "--adapter-warmup", type=float, default=None,

@@ -174,7 +174,8 @@ class Distiller:
         balance: hold the output terms' gradient at the head outputs, batch by batch, at most as large as the
             detection loss's (ComputeLoss(balanced=...); --distill-balance).
         decouple: read by train.py: under Adam/AdamW the terms' gradient is stepped with its own moments
-            (distill/optim.py; --distill-decouple). Kept here so that --resume restores it.
+            (distill/optim.py; --distill-decouple); None: wherever it can run (Adam/AdamW, one process), False:
+            never. Kept here so that --resume restores it.
         term_settings: the terms' own settings by name (distill.terms.Setting: kd_temperature, ...); missing ones
             take their defaults. kd_temperature: the same as term_settings={"kd_temperature": ...}.
         imitation_reduce: how several imitated layers' terms combine (distill.terms.level_weights): 'sum', 'mean' or
@@ -214,7 +215,7 @@ class Distiller:
         balance: bool = True,
         pseudo_conf: float = 0.5,
         gate: bool = False,
-        decouple: bool = False,
+        decouple: bool | None = None,
     ):
         weights = {name: float((weights or {}).get(name, 0.0)) for name in TERMS if name != "imitation"}
         # terms the user asked for by flag: refused with one line where the teacher cannot serve them; the others
@@ -223,7 +224,7 @@ class Distiller:
         check_range("--adapter-warmup", adapter_warmup, 0, hint="epochs; 0 = from the first step")
         self.adapter_warmup = float(adapter_warmup)
         self.balance = bool(balance)
-        self.decouple = bool(decouple)  # train.py's: the terms' gradient its own Adam moments (distill/optim.py)
+        self.decouple = None if decouple is None else bool(decouple)  # train.py's (distill/optim.py)
         check_range("--pseudo-conf", pseudo_conf, 0, 1, hint="1 = FGFI on labelled images only")
         self.pseudo_conf = float(pseudo_conf)
         given = dict(term_settings or {})

@@ -99,13 +99,15 @@ def build_distiller(
 def decoupled_step(
     distiller: Distiller | None, optimizer: torch.optim.Optimizer, ddp: bool, ckpt: dict | None = None
 ) -> DecoupledStep | None:
-    """--distill-decouple: the terms' own optimizer step (None when off, or with one line where it cannot run);
-    ckpt: a resumed run's checkpoint, whose terms' optimizer state it continues from."""
-    if distiller is None or not distiller.decouple:
+    """--distill-decouple: the terms' own optimizer step, or None: off (--no-distill-decouple), or where it cannot
+    run (SGD, RMSProp, DDP: one line when the flag asked for it, silently by default); ckpt: a resumed run's
+    checkpoint, whose terms' optimizer state it continues from."""
+    if distiller is None or distiller.decouple is False:
         return None
     why = decouple_refusal(optimizer, ddp)
     if why:
-        LOGGER.info(f"{colorstr('Distillation: ')}--distill-decouple off: {why}")
+        if distiller.decouple:
+            LOGGER.info(f"{colorstr('Distillation: ')}--distill-decouple off: {why}")
         return None
     decoupled = DecoupledStep(optimizer)
     state = (ckpt or {}).get("distill") or {}

@@ -139,4 +139,10 @@ def test_train_builds_it_only_where_it_runs(teacher_pt, log_lines):
     assert distill_state(distiller, None)["decoupled"] is None
     assert decoupled_step(distiller, torch.optim.SGD(student.parameters(), lr=0.1), ddp=False) is None
     assert decoupled_step(distiller, adam, ddp=True) is None
+    assert sum("--distill-decouple off" in line for line in log_lines) == 2  # asked for: a line each
+    distiller.decouple = None  # the default: wherever it can run, silently off elsewhere
+    assert isinstance(decoupled_step(distiller, adam, ddp=False), DecoupledStep)
+    assert decoupled_step(distiller, torch.optim.SGD(student.parameters(), lr=0.1), ddp=False) is None
     assert sum("--distill-decouple off" in line for line in log_lines) == 2
+    distiller.decouple = False
+    assert decoupled_step(distiller, adam, ddp=False) is None
