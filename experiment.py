@@ -91,12 +91,12 @@ OUTPUT_ARMS = {
     # without --distill-balance: the output terms at their weights whatever their gradient against the detection loss
     "kd-nobal": {**KD, "imitation_weight": 0.0, "distill_balance": False},
     "fgfi+kd-nobal": {**KD, "distill_balance": False},
-    # the default recipe, every term scaled by how much better the teacher fits each batch (--distill-gate)
-    "default-gate": {"distill_gate": True},
-    # the default recipe with the terms' gradient stepped by its own Adam moments (--distill-decouple; AdamW presets)
-    "default-decouple": {"distill_decouple": True},
-    "default-gate-decouple": {"distill_gate": True, "distill_decouple": True},
-    "coupled": {"distill_decouple": False},  # the default recipe's terms, their gradient added to the detection loss's
+    # the default recipe (--distill-gate and, under AdamW, --distill-decouple on) and the recipes before it, each
+    # with both flags named, so that a run is reused only for what it measured
+    "default-gate": {"distill_gate": True, "distill_decouple": False},  # the gate, one step of the summed gradient
+    "default-decouple": {"distill_gate": False, "distill_decouple": True},  # the terms' own Adam step, no gate
+    "default-gate-decouple": {"distill_gate": True, "distill_decouple": True},  # = default under AdamW
+    "coupled": {"distill_gate": False, "distill_decouple": False},  # the recipe before both
 }
 ALL_BOXES = {"imitation_boxes": "all"}
 ABLATION_ARMS = {
@@ -214,8 +214,9 @@ def run_experiment(
         for arm in arms:
             name = f"{arm}-seed{seed}"
             precision = cfg.get("distill_precision") or "auto"
-            # distill_decouple None: train.py's default, recorded so that runs of the recipe before it are not reused
-            distilled = {"ft_weights": str(teacher), "distill_precision": precision, "distill_decouple": None}
+            # train.py's defaults of the two, recorded so that runs of the recipes before them are not reused
+            distilled = {"ft_weights": str(teacher), "distill_precision": precision, "distill_decouple": None,
+                         "distill_gate": True}  # fmt: skip
             extra = {} if ARMS[arm] is None else {**distilled, **ARMS[arm]}
             if extra.get("unlabeled"):
                 extra["unlabeled"] = cfg["unlabeled_images"]
