@@ -524,10 +524,10 @@ def parse_opt(known: bool = False, args: list[str] | None = None) -> argparse.Na
         "batch (default on; --no-distill-balance: the terms at their weights as they are)",
     )  # fmt: skip
     parser.add_argument(
-        "--distill-gate", action=argparse.BooleanOptionalAction, default=True,
+        "--distill-gate", action=argparse.BooleanOptionalAction, default=False,
         help="scale every distillation term, batch by batch, by how much better the teacher fits the labelled batch "
-        "than the student: clamp(1 - teacher's detection loss / student's, 0, 1) (default on; needs a teacher with "
-        "the student's head, else off with one line; --no-distill-gate: the terms at their weights)",
+        "than the student: clamp(1 - teacher's detection loss / student's, 0, 1) (recommended: the best measured "
+        "recipe with --distill-decouple; needs a teacher with the student's head, else off with one line)",
     )  # fmt: skip
     parser.add_argument(
         "--distill-decouple", action=argparse.BooleanOptionalAction, default=None,

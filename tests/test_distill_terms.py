@@ -471,8 +471,18 @@ def test_a_new_term_is_one_table_entry(tmp_path, tiny_data, teacher_pt, monkeypa
     (tmp_path / "hyp.yaml").write_text(yaml.safe_dump(hyp))
     with pytest.raises(UserError, match=r"--dummy-scale 11.0: must be in \[0, 10\]"):
         train.run(data=str(tiny_data), cfg="yolov5n.yaml", ft_weights=str(teacher_pt), dummy_scale=11.0)
-    common = dict(data=str(tiny_data), cfg="yolov5n.yaml", imgsz=64, batch_size=8, device="cpu", workers=0,
-                  noplots=True, project=str(tmp_path), hyp=str(tmp_path / "hyp.yaml"))  # fmt: skip
+    common = dict(
+        data=str(tiny_data),
+        cfg="yolov5n.yaml",
+        imgsz=64,
+        batch_size=8,
+        device="cpu",
+        workers=0,
+        noplots=True,
+        project=str(tmp_path),
+        hyp=str(tmp_path / "hyp.yaml"),
+        distill_gate=False,
+    )  # fmt: skip  (the term's logged value at its weight, not scaled by the gate)
     _interrupt_after_first_epoch(monkeypatch)
     with pytest.raises(_Interrupt):
         train.run(ft_weights=str(teacher_pt), epochs=2, name="dummy", **common)
