@@ -335,7 +335,8 @@ def train(hyp: dict | str, opt: argparse.Namespace, device: torch.device) -> tup
                     loss *= WORLD_SIZE  # gradients are averaged across ranks
                 if opt.quad:
                     loss *= 4.0
-                    loss_terms = loss_terms * 4.0 if decoupled else None
+                    if decoupled:
+                        loss_terms = loss_terms * 4.0
 
             if decoupled:
                 decoupled.backward(scaler, loss, loss_terms)

@@ -62,32 +62,32 @@ def run(opt: argparse.Namespace) -> dict:
     decoupled = DecoupledStep(optimizer)
     scaler = torch.amp.GradScaler("cuda", enabled=cuda)
 
+    def finish(terms_step: bool = False):
+        scaler.step(optimizer)
+        if terms_step:
+            decoupled.step(scaler)
+        scaler.update()
+        optimizer.zero_grad()
+
     def plain():
         with torch.autocast(device.type, enabled=cuda):
             loss, _ = plain_loss(student(imgs), targets)
         scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad()
+        finish()
 
     def summed():
         with torch.autocast(device.type, enabled=cuda):
             pred, inputs = distiller(student, imgs, targets)
             loss, _ = loss_fn(pred, targets, **inputs)
         scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad()
+        finish()
 
     def split():
         with torch.autocast(device.type, enabled=cuda):
             pred, inputs = distiller(student, imgs, targets)
             detection, terms, _ = loss_fn.split(pred, targets, **inputs)
         decoupled.backward(scaler, detection, terms)
-        scaler.step(optimizer)
-        decoupled.step(scaler)
-        scaler.update()
-        optimizer.zero_grad()
+        finish(terms_step=True)
 
     row = interleaved_medians({"plain": plain, "summed": summed, "decoupled": split}, opt.iters, opt.warmup, device)
     print(
