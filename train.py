@@ -525,10 +525,10 @@ def parse_opt(known: bool = False, args: list[str] | None = None) -> argparse.Na
         "batch (default on; --no-distill-balance: the terms at their weights as they are)",
     )  # fmt: skip
     parser.add_argument(
-        "--distill-gate", action=argparse.BooleanOptionalAction, default=False,
+        "--distill-gate", action=argparse.BooleanOptionalAction, default=None,
         help="scale every distillation term, batch by batch, by how much better the teacher fits the labelled batch "
-        "than the student: clamp(1 - teacher's detection loss / student's, 0, 1) (recommended: the best measured "
-        "recipe with --distill-decouple; needs a teacher with the student's head, else off with one line)",
+        "than the student: clamp(1 - teacher's detection loss / student's, 0, 1) (default: on where the teacher has "
+        "the student's head; --no-distill-gate: the terms at their weights)",
     )  # fmt: skip
     parser.add_argument(
         "--distill-decouple", action=argparse.BooleanOptionalAction, default=None,

@@ -214,7 +214,7 @@ class Distiller:
         term_settings: dict[str, float] | None = None,
         balance: bool = True,
         pseudo_conf: float = 0.5,
-        gate: bool = False,
+        gate: bool | None = False,
         decouple: bool | None = None,
     ):
         weights = {name: float((weights or {}).get(name, 0.0)) for name in TERMS if name != "imitation"}
@@ -264,8 +264,9 @@ class Distiller:
         self.matched = self.imitation_boxes == "matched" or (self.imitation_boxes == "auto" and several)
         # the output terms compare the heads anchor by anchor; objectness and class also need the same anchor sizes
         self.same_anchors = any(TERMS[k].same_anchors for k in self.loss_weights)
-        self.gate = bool(gate)  # ComputeLoss(gated=...): every term scaled by how much better the teacher fits
-        if self.outputs or self.gate:  # both read the teacher's head as the student's: one check serves both
+        # ComputeLoss(gated=...): every term scaled by how much better the teacher fits; None: wherever it can
+        self.gate = gate
+        if self.outputs or self.gate is not False:  # both read the teacher's head as the student's: one check
             try:
                 check_heads(self.teacher, student, self.teacher_path, same_anchors=False)
             except UserError as e:
@@ -274,9 +275,10 @@ class Distiller:
                     if any(TERMS[k].outputs and k in self.explicit for k in self.loss_weights):
                         raise
                     self._drop([k for k in self.loss_weights if TERMS[k].outputs], why)
-                if self.gate:
-                    self.gate = False
+                if self.gate:  # asked for by name: say why it is off
                     LOGGER.info(f"{colorstr('Distillation: ')}--distill-gate off: {why}")
+                self.gate = False
+        self.gate = self.gate is not False
         # the image grid both models need: a P6 teacher beside a P5 student needs multiples of 64
         self.stride = max(int(student.stride.max()), int(self.teacher.stride.max()), 32)
         s_channels = feature_channels(student, self.student_layers, 2 * self.stride)

@@ -105,6 +105,22 @@ def test_gate_needs_a_teacher_with_the_students_head(tmp_path, log_lines):
     assert "teacher_preds" in inputs and "mask" in inputs
 
 
+def test_gate_is_train_defaults_wherever_the_teacher_has_the_students_head(tmp_path, log_lines):
+    """train.py's default (None): on beside a teacher with the student's head; beside one of other classes off,
+    silently (nobody asked for it), while FGFI goes on; named off, it stays off."""
+    import train
+
+    assert train.parse_opt(True, args=[]).distill_gate is None
+    same = save_random_model("yolov5s", tmp_path / "nc8.pt")
+    assert _setup(same, gate=None)[1].gate is True
+    assert _setup(same, gate=False)[1].gate is False
+    other = save_random_model("yolov5s", tmp_path / "nc3.pt", nc=3)
+    before = len(log_lines)
+    _, distiller = _setup(other, gate=None, imitation_weight=0.01, explicit=[])
+    assert distiller.gate is False and distiller.imitate
+    assert not any("--distill-gate" in line for line in log_lines[before:])
+
+
 def test_gate_survives_resume_options(teacher_pt):
     _, distiller = _setup(teacher_pt)
     assert Distiller.options_from_state(distiller.state_dict())["distill_gate"] is True
