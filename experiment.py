@@ -38,6 +38,7 @@ import train  # noqa: E402
 import val  # noqa: E402
 from distill import PRECISIONS  # noqa: E402
 from utils.checkpoint import strip_optimizer  # noqa: E402
+from utils.downloads import attempt_download  # noqa: E402
 from utils.general import LOGGER, UserError, check_dataset, check_yaml, colorstr  # noqa: E402
 
 TEACHER = ROOT / "weights/yolov5s-synthetic.pt"  # the shipped teacher for the built-in dataset
@@ -64,6 +65,13 @@ _BCCD = dict(
 # quarter: the labels of a quarter of the train split kept (BCCD in bccd-quarter), the rest used as unlabelled (the
 # preset's own teacher is trained on that quarter alone: no label leaks)
 UNLABELED_SEED = 1  # the extra built-in images' generator seed (the built-in set is seed 0)
+# A second synthetic set unlike the built-in one (data/glyphs.yaml: 6 other classes, smaller and more objects, 512
+# train images): the COCO-pretrained yolov5n fine-tuned there beside a yolov5s trained there from scratch for half the
+# shipped teacher's epochs, so that a recipe is measured where it was not tuned
+_GLYPHS = dict(
+    _CPU, data="glyphs.yaml", teacher="yolov5s.yaml", teacher_epochs=15, epochs=15,
+    student_weights=str(REAL / "weights/yolov5n.pt"),
+)  # fmt: skip
 PRESETS = {
     "unlabeled": dict(_CPU, unlabeled="builtin-4000"),  # the shipped teacher: trained on the 1000 labelled images
     "bccd-quarter": dict(_BCCD, epochs=30, unlabeled="quarter"),
@@ -72,6 +80,7 @@ PRESETS = {
     "gpu": dict(_CPU, teacher="yolov5m.yaml", teacher_epochs=120, imgsz=320, epochs=60, batch=64, device="", workers=8),
     "bccd": _BCCD,
     "bccd-scratch": dict(_BCCD, student_weights=None, epochs=16),
+    "glyphs": _GLYPHS,
 }
 # How the shipped teacher is made: `python experiment.py --train-teacher` (same as train.py with these flags)
 TEACHER_RECIPE = dict(
@@ -183,8 +192,11 @@ def run_experiment(
     for flag, key in (("--imgsz", "imgsz"), ("--batch-size", "batch")):
         if cfg[key] < 1:
             raise UserError(f"{flag} {cfg[key]}: must be >= 1")
-    if cfg.get("student_weights") and not Path(cfg["student_weights"]).is_file():
-        raise UserError(f"--student-weights {cfg['student_weights']}: file not found")
+    if cfg.get("student_weights"):  # an official name (yolov5n.pt) is downloaded, as train.py --weights does
+        cfg["student_weights"] = str(attempt_download(cfg["student_weights"]))
+        if not Path(cfg["student_weights"]).is_file():
+            hint = "" if overrides.get("student_weights") else "; give --student-weights yolov5n.pt (downloaded)"
+            raise UserError(f"--student-weights {cfg['student_weights']}: file not found{hint}")
     project = Path(project or ROOT / ("runs/experiment" if preset == "cpu" else f"runs/experiment-{preset}"))
     project.mkdir(parents=True, exist_ok=True)
     if split:  # the labelled/unlabelled split, and the data YAML of the upper bound (every label)
@@ -215,7 +227,9 @@ def run_experiment(
             name = f"{arm}-seed{seed}"
             precision = cfg.get("distill_precision") or "auto"
             # train.py's defaults of the two, recorded so that runs of the recipes before them are not reused
-            distilled = {"ft_weights": str(teacher), "distill_precision": precision, "distill_decouple": None}
+            distilled = {
+                "ft_weights": str(teacher), "distill_precision": precision, "distill_decouple": None, "distill_gate": None
+            }  # fmt: skip
             extra = {} if ARMS[arm] is None else {**distilled, **ARMS[arm]}
             if extra.get("unlabeled"):
                 extra["unlabeled"] = cfg["unlabeled_images"]

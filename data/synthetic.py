@@ -15,7 +15,9 @@ import hashlib
 import math
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -71,6 +73,64 @@ def _shape_mask(name: str, cx: float, cy: float, size: float, rng) -> np.ndarray
     return mask
 
 
+# The second set ("glyphs"): other classes (6), smaller and more objects, other image sizes; measured beside the
+# built-in one so that a distillation recipe is not tuned to one dataset
+GLYPH_NAMES = ("ellipse", "semicircle", "pentagon", "arrow", "bar", "chevron")
+GLYPH_SIZES = ((224, 224), (256, 192), (192, 256))
+
+
+def _glyph_mask(name: str, cx: float, cy: float, size: float, rng) -> np.ndarray:
+    """_shape_mask's counterpart for the glyph classes: uint8 mask of extent `size` in the same window."""
+    pad = int(0.6 * size) + 2
+    mask = np.zeros((2 * pad + 2, 2 * pad + 2), np.uint8)
+    cx, cy = cx - int(cx) + pad, cy - int(cy) + pad
+    center, r, angle = (round(cx), round(cy)), max(round(size / 2), 2), float(rng.uniform(0, 180))
+    if name == "ellipse":  # elongated: its short axis 35-55% of the long one
+        cv2.ellipse(mask, center, (r, max(round(r * rng.uniform(0.35, 0.55)), 1)), angle, 0, 360, 1, -1)
+    elif name == "semicircle":
+        cv2.ellipse(mask, center, (r, r), angle, 0, 180, 1, -1)
+    else:
+        if name == "pentagon":
+            t = np.deg2rad(np.arange(5) * 72 - 90)
+            pts = 0.5 * np.stack((np.cos(t), np.sin(t)), 1)
+        elif name == "arrow":  # shaft and head, pointing along +x before the rotation
+            w, hw = rng.uniform(0.08, 0.12), rng.uniform(0.22, 0.3)
+            pts = np.array([[-0.5, -w], [0.1, -w], [0.1, -hw], [0.5, 0], [0.1, hw], [0.1, w], [-0.5, w]])
+        elif name == "bar":  # a thin rectangle
+            w = rng.uniform(0.07, 0.12)
+            pts = np.array([[-0.5, -w], [0.5, -w], [0.5, w], [-0.5, w]])
+        elif name == "chevron":
+            t = rng.uniform(0.12, 0.18)  # arm thickness
+            pts = np.array([[-0.5, -0.35], [-0.5 + 2 * t, -0.35], [0.1, 0], [-0.5 + 2 * t, 0.35], [-0.5, 0.35],
+                            [0.1 - 2 * t, 0]])  # fmt: skip
+            pts = pts + (0.2 - t, 0)
+        else:
+            raise ValueError(name)
+        c, s = math.cos(math.radians(angle)), math.sin(math.radians(angle))
+        pts = pts @ np.array([[c, s], [-s, c]]) * size + (cx, cy)
+        cv2.fillPoly(mask, [np.round(pts * 16).astype(np.int32)], 1, lineType=cv2.LINE_8, shift=4)
+    return mask
+
+
+@dataclass(frozen=True)
+class Style:
+    """What a generated set's objects look like: class names, image sizes (width, height), object extent as a
+    fraction of the short side, at most this many objects per image, and the mask drawer of a class name."""
+
+    names: tuple[str, ...]
+    image_sizes: tuple[tuple[int, int], ...]
+    min_size: float
+    max_size: float
+    max_objects: int
+    draw: Callable
+
+
+STYLES = {
+    "shapes": Style(NAMES, IMAGE_SIZES, MIN_SIZE, MAX_SIZE, 8, _shape_mask),  # the built-in set
+    "glyphs": Style(GLYPH_NAMES, GLYPH_SIZES, 0.03, 0.22, 14, _glyph_mask),
+}
+
+
 def _background(w: int, h: int, rng: np.random.Generator) -> np.ndarray:
     """Gradient + low-frequency noise + unlabelled lines, scribbles and soft blobs; float32 (h, w, 3) BGR."""
     c0, c1 = rng.uniform(0, 255, 3).astype(np.float32), rng.uniform(0, 255, 3).astype(np.float32)
@@ -120,18 +180,19 @@ def _object_colour(region_mean: np.ndarray, rng: np.random.Generator) -> np.ndar
     return 255 - region_mean  # the complement always contrasts
 
 
-def make_image(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """One image -> (BGR uint8 (h, w, 3), labels [n, 5] (class, x, y, w, h) normalized)."""
-    w, h = IMAGE_SIZES[rng.integers(len(IMAGE_SIZES))]
+def make_image(rng: np.random.Generator, style: str = "shapes") -> tuple[np.ndarray, np.ndarray]:
+    """One image of STYLES[style] -> (BGR uint8 (h, w, 3), labels [n, 5] (class, x, y, w, h) normalized)."""
+    st = STYLES[style]
+    w, h = st.image_sizes[rng.integers(len(st.image_sizes))]
     im = _background(w, h, rng)
     owner = np.full((h, w), -1, np.int32)  # which object each pixel shows, for occlusion
     objects = []  # (class, full box xyxy, area)
     side = min(w, h)
-    for k in range(int(rng.integers(1, 9))):
-        cls = int(rng.integers(len(NAMES)))
-        size = side * math.exp(rng.uniform(math.log(MIN_SIZE), math.log(MAX_SIZE)))
+    for k in range(int(rng.integers(1, st.max_objects + 1))):
+        cls = int(rng.integers(len(st.names)))
+        size = side * math.exp(rng.uniform(math.log(st.min_size), math.log(st.max_size)))
         cx, cy = rng.uniform(size / 2, w - size / 2), rng.uniform(size / 2, h - size / 2)
-        window = _shape_mask(NAMES[cls], cx, cy, size, rng)
+        window = st.draw(st.names[cls], cx, cy, size, rng)
         x0, y0 = int(cx) - (len(window) - 2) // 2, int(cy) - (len(window) - 2) // 2
         # the window may stick out of the image: keep the part inside
         wx0, wy0 = max(-x0, 0), max(-y0, 0)
@@ -161,8 +222,10 @@ def make_image(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     return im, np.array(labels, dtype=np.float64).reshape(-1, 5)
 
 
-def generate_dataset(root: str | Path, n_train: int = 1000, n_val: int = 200, seed: int = 0, quality: int = 90) -> Path:
-    """Write root/images/{train,val}/NNNNNN.jpg and root/labels/{train,val}/NNNNNN.txt; returns root.
+def generate_dataset(
+    root: str | Path, n_train: int = 1000, n_val: int = 200, seed: int = 0, quality: int = 90, style: str = "shapes"
+) -> Path:
+    """Write root/images/{train,val}/NNNNNN.jpg and root/labels/{train,val}/NNNNNN.txt of STYLES[style]; returns root.
 
     Files this generator wrote before (same naming) and stale label caches are removed first; other files are
     left alone. Train and val use different random streams of the same seed.
@@ -178,14 +241,14 @@ def generate_dataset(root: str | Path, n_train: int = 1000, n_val: int = 200, se
         (root / "labels" / f"{split}.cache").unlink(missing_ok=True)
         rng = np.random.default_rng([seed, stream])
         for i in range(n):
-            im, labels = make_image(rng)
+            im, labels = make_image(rng, style)
             cv2.imwrite(str(im_dir / f"{i:06d}.jpg"), im, [cv2.IMWRITE_JPEG_QUALITY, quality])
             lines = [f"{int(c)} {x:.6f} {y:.6f} {bw:.6f} {bh:.6f}\n" for c, x, y, bw, bh in labels]
             (lb_dir / f"{i:06d}.txt").write_text("".join(lines))
     return root
 
 
-def dataset_fingerprint(root: str | Path, seed: int = 0, quality: int = 90) -> dict:
+def dataset_fingerprint(root: str | Path, seed: int = 0, quality: int = 90, style: str = "shapes") -> dict:
     """What a model trained on the dataset at root depends on: the generator's settings and a sha256 over the
     generated label files (split, file name and content, in name order). Equal fingerprints mean the same labels
     from the same generator, so a shipped teacher cannot silently go stale when the generator changes."""
@@ -196,10 +259,14 @@ def dataset_fingerprint(root: str | Path, seed: int = 0, quality: int = 90) -> d
         counts[split] = len(files)
         for f in files:
             digest.update(f"{split}/{f.name}\n".encode() + f.read_bytes())
+    st = STYLES[style]
     settings = dict(
-        n_train=counts["train"], n_val=counts["val"], seed=seed, quality=quality, names=list(NAMES),
-        image_sizes=[list(s) for s in IMAGE_SIZES], min_size=MIN_SIZE, max_size=MAX_SIZE, max_occluded=MAX_OCCLUDED,
+        n_train=counts["train"], n_val=counts["val"], seed=seed, quality=quality, names=list(st.names),
+        image_sizes=[list(s) for s in st.image_sizes], min_size=st.min_size, max_size=st.max_size,
+        max_occluded=MAX_OCCLUDED,
     )  # fmt: skip
+    if style != "shapes":  # the built-in set's fingerprint stays what the shipped teacher's card records
+        settings.update(style=style, max_objects=st.max_objects)
     return {"generator": settings, "labels_sha256": digest.hexdigest()}
 
 
@@ -209,10 +276,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-train", type=int, default=1000)
     parser.add_argument("--n-val", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--style", choices=list(STYLES), default="shapes", help="shapes: the built-in set")
     opt = parser.parse_args(argv)
     if opt.n_train < 0 or opt.n_val < 0:
         sys.exit("--n-train and --n-val must be >= 0")
-    root = generate_dataset(opt.root, n_train=opt.n_train, n_val=opt.n_val, seed=opt.seed)
+    root = generate_dataset(opt.root, n_train=opt.n_train, n_val=opt.n_val, seed=opt.seed, style=opt.style)
     print(f"Synthetic dataset written to {root} ({opt.n_train} train, {opt.n_val} val images)")
 
 

@@ -8,12 +8,15 @@ import cv2
 import numpy as np
 import pytest
 import torch
+import yaml
 
-from data.synthetic import IMAGE_SIZES, NAMES, generate_dataset
+from data.synthetic import STYLES, generate_dataset
 from data.synthetic import main as synthetic_main
 from utils.dataloaders import LoadImages, LoadImagesAndLabels, create_dataloader
 from utils.general import LOGGER, UserError
 from utils.labels import load_label_cache, verify_image_label
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def write_image(path: Path, w: int = 64, h: int = 48, value: int = 0) -> Path:
@@ -320,10 +323,12 @@ def test_load_images_skips_unreadable_with_warning(sources):
     assert any("broken.jpg" in r.getMessage() for r in records)
 
 
-def test_synthetic_deterministic_and_valid(tmp_path):
-    a = generate_dataset(tmp_path / "a", n_train=6, n_val=2, seed=3)
-    synthetic_main(["--root", str(tmp_path / "b"), "--n-train", "6", "--n-val", "2", "--seed", "3"])
-    c = generate_dataset(tmp_path / "c", n_train=6, n_val=2, seed=4)
+@pytest.mark.parametrize("style", list(STYLES))
+def test_synthetic_deterministic_and_valid(tmp_path, style):
+    st = STYLES[style]
+    a = generate_dataset(tmp_path / "a", n_train=6, n_val=2, seed=3, style=style)
+    synthetic_main(["--root", str(tmp_path / "b"), "--n-train", "6", "--n-val", "2", "--seed", "3", "--style", style])
+    c = generate_dataset(tmp_path / "c", n_train=6, n_val=2, seed=4, style=style)
     labels_a = sorted((a / "labels").rglob("*.txt"))
     assert len(labels_a) == 8
     n_boxes = 0
@@ -331,15 +336,24 @@ def test_synthetic_deterministic_and_valid(tmp_path):
         rel = f.relative_to(a)
         assert f.read_bytes() == (tmp_path / "b" / rel).read_bytes()
         im = cv2.imread(str(a / "images" / rel.parent.name / f"{f.stem}.jpg"))
-        assert im.shape[1::-1] in IMAGE_SIZES
+        assert im.shape[1::-1] in st.image_sizes
         rows = np.loadtxt(f, ndmin=2).reshape(-1, 5)
         n_boxes += len(rows)
-        assert ((rows[:, 0] >= 0) & (rows[:, 0] < len(NAMES)) & (rows[:, 0] == rows[:, 0].round())).all()
+        assert ((rows[:, 0] >= 0) & (rows[:, 0] < len(st.names)) & (rows[:, 0] == rows[:, 0].round())).all()
         xy, wh = rows[:, 1:3], rows[:, 3:5]
         assert (xy - wh / 2 >= 0).all() and (xy + wh / 2 <= 1).all() and (wh > 0).all()
         side = min(im.shape[:2])
-        assert (wh * im.shape[1::-1] >= 0.03 * side).any(1).all()  # no trivially tiny objects
+        # no trivially tiny objects: the longer box side at least ~2/3 of the smallest extent (a rotated thin bar)
+        assert (wh * im.shape[1::-1] >= 0.66 * st.min_size * side).any(1).all()
+        assert (wh * im.shape[1::-1] <= st.max_size * side + 2).all()
     assert n_boxes >= 8
     assert any(f.read_bytes() != (c / f.relative_to(a)).read_bytes() for f in labels_a)
-    ds = LoadImagesAndLabels(a / "images" / "train", img_size=64, nc=len(NAMES))
+    ds = LoadImagesAndLabels(a / "images" / "train", img_size=64, nc=len(st.names))
     assert ds.counts["corrupt"] == 0 and ds.n == 6
+
+
+def test_glyphs_yaml_names_its_generator():
+    """data/glyphs.yaml's classes are the glyph style's, in its order, and its build script asks for that style."""
+    data = yaml.safe_load((ROOT / "data/glyphs.yaml").read_text())
+    assert list(data["names"].values()) == list(STYLES["glyphs"].names)
+    assert 'style="glyphs"' in data["download"]

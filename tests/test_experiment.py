@@ -219,6 +219,33 @@ def test_own_data_and_a_pretrained_student(tmp_path, tiny_data):
             experiment.run_experiment("cpu", project=project, data=str(tiny_data), **kwargs)
 
 
+def test_student_weights_by_official_name_are_downloaded(tmp_path, tiny_data, monkeypatch):
+    """--student-weights yolov5s.pt missing on disk is fetched as train.py --weights fetches it (here from a local
+    "release"); a preset whose own student is missing names the flag that fixes it."""
+    from tests.test_downloads import Release
+    from utils.downloads import RELEASE_URL_ENV
+
+    save_random_model("yolov5n", tmp_path / "s.pt")
+    release = Release()
+    release.serve("/v7.0/yolov5s.pt", (tmp_path / "s.pt").read_bytes())
+    release.thread.start()
+    monkeypatch.setenv(RELEASE_URL_ENV, release.url("/v7.0"))
+    target = tmp_path / "w/yolov5s.pt"
+    try:
+        with pytest.raises(UserError, match="--teacher"):  # stops at the missing teacher, after the student
+            experiment.run_experiment(
+                "cpu", project=tmp_path / "p", data=str(tiny_data), teacher=str(tmp_path / "none.pt"),
+                student_weights=str(target),
+            )  # fmt: skip
+    finally:
+        release.server.shutdown()
+        release.server.server_close()
+    assert release.requests == ["/v7.0/yolov5s.pt"] and target.read_bytes() == (tmp_path / "s.pt").read_bytes()
+    monkeypatch.setitem(experiment.PRESETS, "glyphs", {**experiment.PRESETS["glyphs"], "student_weights": "no.pt"})
+    with pytest.raises(UserError, match=r"^--student-weights no.pt: file not found; give --student-weights yolov5n"):
+        experiment.run_experiment("glyphs", project=tmp_path / "p")
+
+
 def test_unlabelled_arms_split_the_data_and_match_wall_time(tmp_path, tiny_data):
     """A quarter-labelled split of the tiny data: the labelled and unlabelled images are disjoint and together the
     train split; default+u trains with the stream, upper on every label, and student@time for the minutes default+u
