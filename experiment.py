@@ -360,10 +360,14 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([top, stats], ignore_index=True)
 
 
+LAST_EPOCHS = 5  # compare_curves' gain_last: the mean difference over this many final epochs
+
+
 def compare_curves(curves: dict) -> pd.DataFrame:
     """Per distilled run, against the student alone of the same seed, epoch by epoch (validation mAP50-95): the
-    epochs it is ahead, and the first epoch from which it stays at or above the student to the end (NaN: never);
-    its training box loss at the last epoch beside the student's."""
+    epochs it is ahead, the first epoch from which it stays at or above the student to the end (NaN: never), the
+    mean difference over the last LAST_EPOCHS epochs (steadier than best.pt's on a small val set: one lucky epoch
+    decides best.pt), and its training box loss at the last epoch beside the student's."""
     rows = []
     for (arm, seed), curve in curves.items():
         base = curves.get(("student", seed))
@@ -375,6 +379,7 @@ def compare_curves(curves: dict) -> pd.DataFrame:
         rows.append(dict(
             arm=arm, seed=seed, epochs=len(diff), epochs_ahead=int((diff > 0).sum()),
             ahead_from_epoch=later.min() if len(later) else math.nan,
+            gain_last=diff.iloc[-LAST_EPOCHS:].mean(),
             box_loss_last=curve[BOX_COLUMN].iloc[-1], student_box_loss_last=base[BOX_COLUMN].iloc[-1],
         ))  # fmt: skip
     return pd.DataFrame(rows)
@@ -402,7 +407,8 @@ def _report(df: pd.DataFrame, summary: pd.DataFrame, preset: str, cfg: dict, see
     ]
     if ahead is not None and len(ahead):
         lines += [
-            "Per epoch against the student alone of the same seed (validation mAP50-95; epochs count from 0):",
+            "Per epoch against the student alone of the same seed (validation mAP50-95; epochs count from 0; "
+            f"gain_last: the mean gain over the last {LAST_EPOCHS} epochs):",
             "",
             markdown(ahead),
             "",

@@ -149,6 +149,28 @@ def test_summarize_gain_in_pooled_std_and_gap_closed():
     assert "one seed" not in line and "nan" not in line and "no teacher-student gap to close" in line
 
 
+def test_compare_curves_epochs_ahead_and_the_mean_gain_over_the_last_epochs():
+    """compare_curves on hand-made curves: the epochs ahead, the epoch from which the run stays ahead, and the mean
+    gain over the last LAST_EPOCHS epochs, against the same seed's student; a seed without a student is skipped."""
+    epochs = 8
+    student = [0.10, 0.20, 0.30, 0.40, 0.50, 0.60, 0.70, 0.80]
+    run = [0.15, 0.10, 0.35, 0.30, 0.55, 0.65, 0.75, 0.80]  # ahead at 0, 2, 4, 5, 6; level at 7; behind at 1, 3
+
+    def curve(maps, box):
+        return pd.DataFrame({experiment.MAP_COLUMN: maps, experiment.BOX_COLUMN: [box] * epochs})
+
+    curves = {("student", 0): curve(student, 0.05), ("fgfi", 0): curve(run, 0.04), ("fgfi", 1): curve(run, 0.04)}
+    table = experiment.compare_curves(curves)
+    assert len(table) == 1  # seed 1 has no student to compare with
+    row = table.iloc[0]
+    assert (row["arm"], row["seed"], row["epochs"], row["epochs_ahead"]) == ("fgfi", 0, epochs, 5)
+    assert row["ahead_from_epoch"] == 4  # behind last at epoch 3, at or above the student from 4 to the end
+    last = experiment.LAST_EPOCHS
+    expected = sum(r - s for r, s in zip(run[-last:], student[-last:])) / last  # (-0.1 + 0.05 * 3 + 0) / 5
+    assert row["gain_last"] == pytest.approx(expected) and expected == pytest.approx(0.01)
+    assert (row["box_loss_last"], row["student_box_loss_last"]) == (0.04, 0.05)
+
+
 def test_bad_arguments_are_one_line_errors(tmp_path):
     with pytest.raises(UserError, match="--teacher"):
         experiment.run_experiment("cpu", teacher=str(tmp_path / "missing.pt"), project=tmp_path)
