@@ -104,7 +104,7 @@ OUTPUT_ARMS = {
     # each with both flags named, so that a run is reused only for what it measured
     "default-gate": {"distill_gate": True, "distill_decouple": False},  # the gate, one step of the summed gradient
     "default-decouple": {"distill_gate": False, "distill_decouple": True},  # the terms' own Adam step, no gate
-    "default-gate-decouple": {"distill_gate": True, "distill_decouple": True},  # the best measured (recommended)
+    "default-gate-decouple": {"distill_gate": True, "distill_decouple": True},  # both named: what default trains
     "coupled": {"distill_gate": False, "distill_decouple": False},  # the recipe before both
 }
 ALL_BOXES = {"imitation_boxes": "all"}
@@ -226,7 +226,7 @@ def run_experiment(
         for arm in arms:
             name = f"{arm}-seed{seed}"
             precision = cfg.get("distill_precision") or "auto"
-            # train.py's defaults of the two, recorded so that runs of the recipes before them are not reused
+            # train.py's defaults of these, recorded so that runs of the recipes before them are not reused
             distilled = {
                 "ft_weights": str(teacher), "distill_precision": precision, "distill_decouple": None, "distill_gate": None
             }  # fmt: skip
