@@ -265,8 +265,8 @@ class Distiller:
         # the output terms compare the heads anchor by anchor; objectness and class also need the same anchor sizes
         self.same_anchors = any(TERMS[k].same_anchors for k in self.loss_weights)
         # ComputeLoss(gated=...): every term scaled by how much better the teacher fits; None: wherever it can
-        self.gate = gate
-        if self.outputs or self.gate is not False:  # both read the teacher's head as the student's: one check
+        self.gate = gate is not False
+        if self.outputs or self.gate:  # both read the teacher's head as the student's: one check serves both
             try:
                 check_heads(self.teacher, student, self.teacher_path, same_anchors=False)
             except UserError as e:
@@ -275,10 +275,9 @@ class Distiller:
                     if any(TERMS[k].outputs and k in self.explicit for k in self.loss_weights):
                         raise
                     self._drop([k for k in self.loss_weights if TERMS[k].outputs], why)
-                if self.gate:  # asked for by name: say why it is off
+                if gate:  # asked for by name: say why it is off
                     LOGGER.info(f"{colorstr('Distillation: ')}--distill-gate off: {why}")
                 self.gate = False
-        self.gate = self.gate is not False
         # the image grid both models need: a P6 teacher beside a P5 student needs multiples of 64
         self.stride = max(int(student.stride.max()), int(self.teacher.stride.max()), 32)
         s_channels = feature_channels(student, self.student_layers, 2 * self.stride)
