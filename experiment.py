@@ -11,7 +11,7 @@
 Every arm trains the same student (same schedule, same seed) and differs only in its distillation settings. Each
 run lives in runs/experiment/<arm>-seed<seed>/ with an experiment.json of its settings and validated metrics; a
 later call with the same settings reuses a finished run instead of training it again (so --ablation after --seeds
-trains only the new arms). Results: results.md / results.csv (per run), summary.csv (per arm), map_curve.png
+trains only the new arms); a finished run with other settings is moved aside to <name>-old, never deleted. Results: results.md / results.csv (per run), summary.csv (per arm), map_curve.png
 (validation mAP50-95 per epoch) and, with --ablation, ablation.png.
 """
 
@@ -21,6 +21,7 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -313,13 +314,17 @@ def _train_arm(arm: str, seed: int, settings: dict, cfg: dict, project: Path) ->
     """Train one arm at one seed and validate its best.pt, or reuse a finished run with identical settings."""
     run_dir = project / settings["name"]
     record_file = run_dir / "experiment.json"
-    if record_file.is_file() and (run_dir / "weights/best.pt").is_file():
+    finished = record_file.is_file() and (run_dir / "weights/best.pt").is_file()
+    if finished:
         record = json.loads(record_file.read_text())
-        if record.get("settings") == settings:
+        if _same_settings(record.get("settings", {}), settings):
             LOGGER.info(f"Reusing the finished run {run_dir} (same settings)")
             return record["result"]
-    if run_dir.exists():  # unfinished or other settings: train again (results.csv would otherwise append)
-        LOGGER.info(f"Replacing the earlier {run_dir}")
+        kept = _free_name(run_dir)  # a finished run is never deleted: it may be a teacher other runs were taught by
+        LOGGER.warning(f"{run_dir} was trained with other settings: moved to {kept.name}, training again")
+        run_dir.rename(kept)
+    elif run_dir.exists():  # unfinished: train again from the start (results.csv would otherwise append)
+        LOGGER.info(f"Replacing the unfinished {run_dir}")
         shutil.rmtree(run_dir)
     t = time.time()
     train.run(**{k: v for k, v in settings.items() if not k.endswith("_sha256")})
@@ -327,6 +332,23 @@ def _train_arm(arm: str, seed: int, settings: dict, cfg: dict, project: Path) ->
     result = _validate(arm, seed, run_dir / "weights/best.pt", cfg, project, minutes)
     record_file.write_text(json.dumps({"settings": settings, "result": result}, indent=1))
     return result
+
+
+def _same_settings(a: dict, b: dict) -> bool:
+    """Whether two runs' settings are the same, however each spelled its paths: relative, absolute, through a link."""
+
+    def canonical(v):
+        return os.path.realpath(v) if isinstance(v, str) and v and os.path.exists(v) else v
+
+    return {k: canonical(v) for k, v in a.items()} == {k: canonical(v) for k, v in b.items()}
+
+
+def _free_name(run_dir: Path) -> Path:
+    """run_dir with the first free suffix -old, -old2, ... beside it."""
+    n = 1
+    while (kept := run_dir.with_name(f"{run_dir.name}-old{n if n > 1 else ''}")).exists():
+        n += 1
+    return kept
 
 
 def _validate(arm: str, seed: int | None, weights, cfg: dict, project: Path, minutes: float = math.nan) -> dict:

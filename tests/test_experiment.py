@@ -119,6 +119,49 @@ def test_ablation_trains_every_region_level_psi_and_weight(tmp_path, tiny_data):
     assert (tmp_path / "ablation.png").stat().st_size > 0
 
 
+def test_settings_compare_by_the_files_they_name(tmp_path, monkeypatch):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real/t.pt").write_bytes(b"t")
+    (tmp_path / "link").symlink_to(tmp_path / "real")  # a worktree whose runs/ links to the main one's
+    monkeypatch.chdir(tmp_path)
+    a = {"ft_weights": str(tmp_path / "link/t.pt"), "project": "real", "epochs": 3, "hyp": "hyp.short.yaml"}
+    b = {"ft_weights": "real/t.pt", "project": str(tmp_path / "real"), "epochs": 3, "hyp": "hyp.short.yaml"}
+    assert experiment._same_settings(a, b)
+    assert not experiment._same_settings(a, {**b, "epochs": 4})
+    assert not experiment._same_settings(a, {**b, "ft_weights": "other.pt"})
+    assert not experiment._same_settings(a, {**b, "seed": 0})
+
+
+def test_a_finished_run_with_other_settings_is_moved_aside_never_deleted(tmp_path, monkeypatch):
+    def finished(run, settings, weights):
+        (run / "weights").mkdir(parents=True)
+        (run / "weights/best.pt").write_bytes(weights)
+        (run / "experiment.json").write_text(json.dumps({"settings": settings, "result": {"mAP50_95": 0.5}}))
+
+    trained = []
+
+    def fake_train(**settings):  # what train.run leaves behind, without training
+        trained.append(settings)
+        (tmp_path / settings["name"] / "weights").mkdir(parents=True)
+        (tmp_path / settings["name"] / "weights/best.pt").write_bytes(b"new")
+
+    monkeypatch.setattr(experiment.train, "run", fake_train)
+    monkeypatch.setattr(experiment, "_validate", lambda *a, **k: {"mAP50_95": 0.25})
+    run = tmp_path / "teacher"
+    finished(run, {"name": "teacher", "epochs": 36}, b"first")
+    finished(tmp_path / "teacher-old", {"name": "teacher", "epochs": 12}, b"older")
+    result = experiment._train_arm("teacher", 0, {"name": "teacher", "epochs": 36}, {}, tmp_path)
+    assert result == {"mAP50_95": 0.5} and not trained  # same settings: reused
+    result = experiment._train_arm("teacher", 0, {"name": "teacher", "epochs": 30}, {}, tmp_path)
+    assert result == {"mAP50_95": 0.25} and [t["epochs"] for t in trained] == [30]
+    assert (tmp_path / "teacher-old/weights/best.pt").read_bytes() == b"older"
+    assert (tmp_path / "teacher-old2/weights/best.pt").read_bytes() == b"first"  # the next free name
+    assert json.loads((run / "experiment.json").read_text())["settings"]["epochs"] == 30
+    (run / "weights/best.pt").unlink()  # unfinished: replaced, nothing to keep
+    experiment._train_arm("teacher", 0, {"name": "teacher", "epochs": 30}, {}, tmp_path)
+    assert len(trained) == 2 and not (tmp_path / "teacher-old3").exists()
+
+
 def test_summarize_gain_in_pooled_std_and_gap_closed():
     """summarize on known numbers: the ratios where they exist, NaN where there is no spread or no gap."""
     rows = [("teacher", None, 0.6, 0.40), ("student", 0, 0.3, 0.10), ("student", 1, 0.5, 0.20)]
