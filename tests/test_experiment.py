@@ -10,13 +10,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 import experiment
+import train
 from data.synthetic import NAMES, dataset_fingerprint, generate_dataset
+from distill.options import build_distiller, resolve_distill_options
+from models.yolo import DetectionModel
 from tests.conftest import save_random_model
 from utils.checkpoint import load_checkpoint
-from utils.general import UserError
+from utils.general import UserError, check_yaml, load_hyp
 
 pytestmark = pytest.mark.slow
 TINY = dict(epochs=1, imgsz=64, batch=8, workers=0, noplots=True)
@@ -73,13 +77,33 @@ def test_seeds_train_each_arm_per_seed_with_mean_std_and_gain(tmp_path, tiny_dat
     pd.testing.assert_frame_equal(again.drop(columns="train_min"), df.drop(columns="train_min"))
 
 
-def test_ablation_trains_every_region_level_psi_and_weight(tmp_path, tiny_data):
-    stale = tmp_path / "student-seed0" / "results.csv"  # an unfinished earlier run in the same folder
-    stale.parent.mkdir()
-    stale.write_text("epoch,train/box_loss\n0,1.0\n1,1.0\n")
+def _as_trained(settings: dict, student) -> tuple:
+    """What train.run(**settings) would train: its options after the distillation defaults, and their Distiller."""
+    opt = train.parse_opt(True, args=[])
+    for k, v in settings.items():
+        if not k.endswith("_sha256"):
+            setattr(opt, k, v)
+    if not opt.ft_weights:
+        return opt, None
+    hyp = load_hyp(check_yaml(opt.hyp, "--hyp"))
+    explicit = resolve_distill_options(opt, hyp)
+    return opt, build_distiller(opt, student, torch.device("cpu"), hyp, explicit)
+
+
+def test_every_ablation_arm_builds_its_distiller_with_its_settings(tmp_path, tiny_data, monkeypatch):
+    student = DetectionModel("yolov5n.yaml", nc=len(NAMES))
+    built = {}
+
+    def build_only(arm, seed, settings, cfg, project):  # instead of training: the options and the Distiller
+        built[arm] = _as_trained(settings, student)
+        run = project / settings["name"]
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "results.csv").write_text("epoch,metrics/mAP_0.5:0.95,train/box_loss\n0,0.1,0.05\n")
+        return {"arm": arm, "seed": seed, "P": 0.0, "R": 0.0, "mAP50": 0.1, "mAP50_95": 0.1, "train_min": 0.0}
+
+    monkeypatch.setattr(experiment, "_train_arm", build_only)
     df = experiment.run_experiment("cpu", project=tmp_path, seeds=[0], ablation=True, data=str(tiny_data), **TINY)
     assert list(df["arm"]) == ["teacher", *experiment.MAIN_ARMS, *experiment.ABLATION_ARMS]
-    assert len(pd.read_csv(stale, skipinitialspace=True)) == 1  # replaced, not appended to
     expected = {
         "fgfi": ("fgfi", "default", 0.5, 0.01),
         "gtbox": ("gtbox", "default", 0.5, 0.01),
@@ -93,17 +117,43 @@ def test_ablation_trains_every_region_level_psi_and_weight(tmp_path, tiny_data):
         "fgfi-w0.03": ("fgfi", "default", 0.5, 0.03),
     }
     for arm, (region, layers, psi, weight) in expected.items():
-        opt = yaml.safe_load((tmp_path / f"{arm}-seed0/opt.yaml").read_text())
-        assert (opt["imitation_region"], opt["imitation_layers"], opt["iou_factor"]) == (region, layers, psi), arm
-        assert opt["imitation_weight"] == pytest.approx(weight), arm
-        assert opt["kd_weight"] == opt["box_kd_weight"] == 0, arm
-    for arm in ("sum", "mean", "channel"):
-        assert yaml.safe_load((tmp_path / f"fgfi-3levels-{arm}-seed0/opt.yaml").read_text())["imitation_reduce"] == arm
+        opt, distiller = built[arm]
+        assert (opt.imitation_region, opt.imitation_layers, opt.iou_factor) == (region, layers, psi), arm
+        assert opt.imitation_weight == pytest.approx(weight) and opt.kd_weight == opt.box_kd_weight == 0, arm
+        assert list(distiller.loss_weights) == ["imitation"], arm
+    for reduce in ("sum", "mean", "channel"):
+        assert built[f"fgfi-3levels-{reduce}"][0].imitation_reduce == reduce
+    assert len(built["fgfi-3levels-sum"][1].student_layers) == 3 and len(built["fgfi"][1].student_layers) == 1
     kd, box = experiment.KD["kd_weight"], experiment.KD["box_kd_weight"]
     for arm, weights in {
-        "kd": (0, kd, box), "fgfi+kd": (0.01, kd, box), "kd-cls": (0, kd, 0), "kd-box": (0, 0, box),
-        "kd-w3": (0, 3.0, box), "kd-t2": (0, kd, box),
+        "default": (0.01, kd, box), "kd": (0, kd, box), "fgfi+kd": (0.01, kd, box), "kd-cls": (0, kd, 0),
+        "kd-box": (0, 0, box), "kd-w3": (0, 3.0, box), "kd-t2": (0, kd, box),
     }.items():  # fmt: skip
+        opt, distiller = built[arm]
+        assert (opt.imitation_weight, opt.kd_weight, opt.box_kd_weight) == pytest.approx(weights), arm
+        names = [n for n, w in zip(("imitation", "kd", "box_kd"), weights) if w]
+        assert list(distiller.loss_weights) == names, arm  # each term switched on, and only those
+    assert (built["kd"][0].kd_temperature, built["kd-t2"][0].kd_temperature) == (1.0, 2.0)
+    assert built["default"][1].gate and not built["coupled"][1].gate and built["default-gate"][1].gate
+    assert [built[a][1].decouple is not False for a in ("default", "coupled", "default-decouple")] == [1, 0, 1]
+    assert built["student"][1] is None
+
+
+def test_ablation_arms_train_each_term_into_its_column_and_the_tables(tmp_path, tiny_data):
+    stale = tmp_path / "student-seed0" / "results.csv"  # an unfinished earlier run in the same folder
+    stale.parent.mkdir()
+    stale.write_text("epoch,train/box_loss\n0,1.0\n1,1.0\n")
+    arms = ["student", "fgfi", "kd-cls", "kd-box", "fgfi+kd"]  # every arm's settings: the test above
+    df = experiment.run_experiment("cpu", project=tmp_path, seeds=[0], arms=arms, data=str(tiny_data), **TINY)
+    assert list(df["arm"]) == ["teacher", *arms]
+    assert len(pd.read_csv(stale, skipinitialspace=True)) == 1  # replaced, not appended to
+    kd, box = experiment.KD["kd_weight"], experiment.KD["box_kd_weight"]
+    for arm, weights in {
+        "fgfi": (0.01, 0, 0),
+        "kd-cls": (0, kd, 0),
+        "kd-box": (0, 0, box),
+        "fgfi+kd": (0.01, kd, box),
+    }.items():
         opt = yaml.safe_load((tmp_path / f"{arm}-seed0/opt.yaml").read_text())
         assert (opt["imitation_weight"], opt["kd_weight"], opt["box_kd_weight"]) == pytest.approx(weights), arm
         columns = pd.read_csv(tmp_path / f"{arm}-seed0/results.csv", nrows=0).columns.str.strip()
@@ -112,10 +162,8 @@ def test_ablation_trains_every_region_level_psi_and_weight(tmp_path, tiny_data):
         assert [c for c in terms if c[6:-5] not in ("box", "obj", "cls")] == [f"train/{n}_loss" for n in names], (
             arm
         )  # each term switched on is its own column, and only those
-    for arm, temperature in (("kd", 1.0), ("kd-t2", 2.0)):
-        assert yaml.safe_load((tmp_path / f"{arm}-seed0/opt.yaml").read_text())["kd_temperature"] == temperature
     summary = pd.read_csv(tmp_path / "summary.csv")
-    assert list(summary["arm"]) == ["teacher", *experiment.MAIN_ARMS, *experiment.ABLATION_ARMS]
+    assert list(summary["arm"]) == ["teacher", *arms]
     assert (tmp_path / "ablation.png").stat().st_size > 0
 
 
