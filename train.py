@@ -155,7 +155,9 @@ def train(hyp: dict | str, opt: argparse.Namespace, device: torch.device) -> tup
     optimizer = smart_optimizer(model, opt.optimizer, hyp["lr0"], hyp["momentum"], hyp["weight_decay"])
     for group in distiller.param_groups(hyp["weight_decay"]) if distiller else []:
         optimizer.add_param_group(group)
-    decoupled = decoupled_step(distiller, optimizer, RANK != -1, ckpt if resume else None)
+    decoupled = decoupled_step(
+        distiller, optimizer, RANK != -1, ckpt if resume else None, getattr(opt, "distill_cap", False)
+    )
 
     if opt.cos_lr:
         lf = one_cycle(1, hyp["lrf"], epochs)
@@ -359,8 +361,8 @@ def train(hyp: dict | str, opt: argparse.Namespace, device: torch.device) -> tup
                 scaler.unscale_(optimizer)
                 clip_gradients([model.parameters()] + ([distiller.parameters()] if distiller else []), max_norm=10.0)
                 scaler.step(optimizer)
-                if decoupled:
-                    decoupled.step(scaler)
+                if decoupled:  # --distill-cap: the terms' step at most the gate's share of the student's own
+                    decoupled.step(scaler, share=1.0 if compute_loss.gate is None else compute_loss.gate)
                 scaler.update()
                 optimizer.zero_grad()
                 if ema:
@@ -535,6 +537,11 @@ def parse_opt(known: bool = False, args: list[str] | None = None) -> argparse.Na
         help="Adam/AdamW: step the distillation terms' gradient with its own moments (a second backward pass), so the "
         "detection loss's step stays the student's own (default: on under Adam/AdamW on one process; no effect under "
         "SGD; --no-distill-decouple: one step of the summed gradient)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--distill-cap", action=argparse.BooleanOptionalAction, default=False,
+        help="with --distill-decouple: each tensor's step by the terms at most the gate's share (1 without the gate) "
+        "of the norm of its step by the detection loss",
     )  # fmt: skip
     parser.add_argument(
         "--adapter-warmup", type=float, default=None,

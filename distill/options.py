@@ -97,24 +97,31 @@ def build_distiller(
 
 
 def decoupled_step(
-    distiller: Distiller | None, optimizer: torch.optim.Optimizer, ddp: bool, ckpt: dict | None = None
+    distiller: Distiller | None,
+    optimizer: torch.optim.Optimizer,
+    ddp: bool,
+    ckpt: dict | None = None,
+    cap: bool = False,
 ) -> DecoupledStep | None:
     """--distill-decouple: the terms' own optimizer step, or None: off (--no-distill-decouple), or where it cannot
     run (SGD, RMSProp, DDP: one line when the flag asked for it, silently by default); ckpt: a resumed run's
-    checkpoint, whose terms' optimizer state it continues from."""
-    if distiller is None or distiller.decouple is False:
-        return None
-    why = decouple_refusal(optimizer, ddp)
+    checkpoint, whose terms' optimizer state it continues from; cap: --distill-cap (one line where it cannot run)."""
+    off = distiller is None or distiller.decouple is False
+    why = "--no-distill-decouple" if off else decouple_refusal(optimizer, ddp)
     if why:
-        if distiller.decouple:
+        if distiller is not None and distiller.decouple and not off:
             LOGGER.info(f"{colorstr('Distillation: ')}--distill-decouple off: {why}")
+        if distiller is not None and cap:
+            LOGGER.info(f"{colorstr('Distillation: ')}--distill-cap off: it caps the decoupled step, which is off")
         return None
-    decoupled = DecoupledStep(optimizer)
+    decoupled = DecoupledStep(optimizer, cap=cap)
     state = (ckpt or {}).get("distill") or {}
     if state.get("decoupled") is not None:
         decoupled.load_state_dict(state["decoupled"])
+    capped = ", each tensor's step at most the gate's share of the detection loss's (--distill-cap)" if cap else ""
     LOGGER.info(
         f"{colorstr('Distillation: ')}the terms' gradient is stepped with its own Adam moments (--distill-decouple)"
+        f"{capped}"
     )
     return decoupled
 

@@ -146,3 +146,49 @@ def test_train_builds_it_only_where_it_runs(teacher_pt, log_lines):
     assert sum("--distill-decouple off" in line for line in log_lines) == 2
     distiller.decouple = False
     assert decoupled_step(distiller, adam, ddp=False) is None
+    # --distill-cap caps the decoupled step: with it, or one line where the decoupled step is off
+    distiller.decouple = None
+    assert decoupled_step(distiller, adam, ddp=False, cap=True).cap is True
+    assert decoupled_step(distiller, adam, ddp=False).cap is False
+    assert decoupled_step(distiller, torch.optim.SGD(student.parameters(), lr=0.1), ddp=False, cap=True) is None
+    assert sum("--distill-cap off" in line for line in log_lines) == 1
+
+
+def _capped_reference(steps: int, share: float) -> torch.Tensor:
+    """_reference with --distill-cap: the terms' step of the (one) tensor scaled down to at most share times the norm
+    of the detection loss's step of it (decay included: the parameter's change over the run's step)."""
+    b1, b2 = BETAS
+    p = torch.zeros(4, dtype=torch.float64)
+    m_d = v_d = m_t = v_t = torch.zeros(4, dtype=torch.float64)
+    for t in range(1, steps + 1):
+        before = p
+        p = p * (1 - LR * DECAY)
+        m_d, v_d = b1 * m_d + (1 - b1) * G_DET, b2 * v_d + (1 - b2) * G_DET**2
+        p = p - LR * (m_d / (1 - b1**t)) / ((v_d / (1 - b2**t)).sqrt() + EPS)
+        m_t, v_t = b1 * m_t + (1 - b1) * G_TERMS, b2 * v_t + (1 - b2) * G_TERMS**2
+        v = torch.maximum(v_t / (1 - b2**t), v_d / (1 - b2**t))
+        update = -LR * (m_t / (1 - b1**t)) / (v.sqrt() + EPS)
+        limit = share * (p - before).norm()
+        p = p + update * min(1.0, float(limit / update.norm()))
+    return p
+
+
+@pytest.mark.parametrize("share", [0.0, 0.3, 1.0, 100.0])
+def test_cap_holds_the_terms_step_to_the_gates_share_of_the_detection_step(share):
+    p = torch.nn.Parameter(torch.zeros(4, dtype=torch.float64))
+    optimizer, adapter = _groups(p)
+    decoupled, scaler = DecoupledStep(optimizer, cap=True), torch.amp.GradScaler("cuda", enabled=False)
+    for _ in range(4):
+        decoupled.backward(scaler, (p * G_DET).sum(), (p * G_TERMS).sum() + (adapter * 2.0).sum())
+        before = p.detach().clone()
+        scaler.step(optimizer)
+        detection_step = (p.detach() - before).norm()
+        after_main = p.detach().clone()
+        decoupled.step(scaler, share=torch.tensor(share, dtype=torch.float64))
+        assert (p.detach() - after_main).norm() <= share * detection_step * (1 + 1e-12)
+        scaler.update()
+        optimizer.zero_grad()
+    torch.testing.assert_close(p.detach(), _capped_reference(4, share), rtol=1e-12, atol=1e-15)
+    if share == 100.0:  # a cap never reached: the uncapped step
+        torch.testing.assert_close(p.detach(), _reference(4), rtol=1e-12, atol=1e-15)
+    assert decoupled.before is None  # the snapshot lives one step
