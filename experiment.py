@@ -11,8 +11,9 @@
 Every arm trains the same student (same schedule, same seed) and differs only in its distillation settings. Each
 run lives in runs/experiment/<arm>-seed<seed>/ with an experiment.json of its settings and validated metrics; a
 later call with the same settings reuses a finished run instead of training it again (so --ablation after --seeds
-trains only the new arms); a finished run with other settings is moved aside to <name>-old, never deleted. Results: results.md / results.csv (per run), summary.csv (per arm), map_curve.png
-(validation mAP50-95 per epoch) and, with --ablation, ablation.png.
+trains only the new arms); a finished run with other settings is moved aside to <name>-old, never deleted.
+Results: results.md / results.csv (per run), summary.csv (per arm), map_curve.png (validation mAP50-95 per epoch)
+and, with --ablation, ablation.png.
 """
 
 from __future__ import annotations

@@ -89,11 +89,13 @@ class TermsAdam(torch.optim.Optimizer):
                 main = self.main.state.get(p, {})
                 if "exp_avg_sq" in main:  # the detection loss's second moment, bias-corrected at its own step
                     v_hat = torch.maximum(v_hat, main["exp_avg_sq"] / (1 - beta2 ** float(main["step"])))
-                update = state["exp_avg"] / v_hat.sqrt_().add_(eps) * (-lr / (1 - beta1**t))
-                if share is not None:
-                    limit, norm = share * torch.linalg.vector_norm(reference[p]), torch.linalg.vector_norm(update)
-                    update.mul_(torch.where(norm > limit, limit / norm.clamp(min=1e-30), 1.0))
-                p.add_(update)
+                denominator = v_hat.sqrt_().add_(eps)
+                if share is None:
+                    p.addcdiv_(state["exp_avg"], denominator, value=-lr / (1 - beta1**t))
+                    continue
+                update = state["exp_avg"] / denominator * (-lr / (1 - beta1**t))
+                limit, norm = share * torch.linalg.vector_norm(reference[p]), torch.linalg.vector_norm(update)
+                p.add_(update.mul_(torch.where(norm > limit, limit / norm.clamp(min=1e-30), 1.0)))
 
 
 class DecoupledStep:

@@ -106,12 +106,13 @@ def decoupled_step(
     """--distill-decouple: the terms' own optimizer step, or None: off (--no-distill-decouple), or where it cannot
     run (SGD, RMSProp, DDP: one line when the flag asked for it, silently by default); ckpt: a resumed run's
     checkpoint, whose terms' optimizer state it continues from; cap: --distill-cap (one line where it cannot run)."""
-    off = distiller is None or distiller.decouple is False
-    why = "--no-distill-decouple" if off else decouple_refusal(optimizer, ddp)
+    if distiller is None:
+        return None
+    why = "--no-distill-decouple" if distiller.decouple is False else decouple_refusal(optimizer, ddp)
     if why:
-        if distiller is not None and distiller.decouple and not off:
+        if distiller.decouple:  # asked for by name: say why it is off
             LOGGER.info(f"{colorstr('Distillation: ')}--distill-decouple off: {why}")
-        if distiller is not None and cap:
+        if cap:
             LOGGER.info(f"{colorstr('Distillation: ')}--distill-cap off: it caps the decoupled step, which is off")
         return None
     decoupled = DecoupledStep(optimizer, cap=cap)
