@@ -98,6 +98,13 @@ from utils.torch_utils import (  # noqa: E402
 )
 
 
+def scale_loss_gains(hyp: dict, nl: int, nc: int, imgsz: int) -> None:
+    """YOLOv5's loss gains scaled, in place, by the number of detection levels, classes and the image size."""
+    hyp["box"] *= 3 / nl
+    hyp["cls"] *= nc / 80 * 3 / nl
+    hyp["obj"] *= (imgsz / 640) ** 2 * 3 / nl
+
+
 def train(hyp: dict | str, opt: argparse.Namespace, device: torch.device) -> tuple:
     """Train one model; returns the final validation results (P, R, mAP50, mAP50-95, *val losses)."""
     save_dir, epochs, batch_size, weights, single_cls, evolve, data, cfg, resume, noval, nosave, workers, freeze = (
@@ -230,11 +237,7 @@ def train(hyp: dict | str, opt: argparse.Namespace, device: torch.device) -> tup
         if distiller:
             distiller.wrap(smart_DDP)
 
-    # Loss gains scale with the number of levels, classes and image size, as in YOLOv5
-    nl = de_parallel(model).model[-1].nl
-    hyp["box"] *= 3 / nl
-    hyp["cls"] *= nc / 80 * 3 / nl
-    hyp["obj"] *= (imgsz / 640) ** 2 * 3 / nl
+    scale_loss_gains(hyp, de_parallel(model).model[-1].nl, nc, imgsz)
     hyp["label_smoothing"] = opt.label_smoothing
     m = de_parallel(model)
     m.nc, m.names = nc, names

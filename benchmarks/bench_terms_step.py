@@ -39,8 +39,8 @@ from utils.torch_utils import smart_optimizer  # noqa: E402
 SHARED = ROOT.parent / "shared/real"
 
 
-def parts(model: torch.nn.Module) -> dict[str, list[tuple[torch.nn.Parameter, torch.Tensor | None]]]:
-    """The student's parameters by part: (parameter, row selection or None for the whole tensor)."""
+def parts(model: torch.nn.Module) -> dict[str, list[tuple[torch.nn.Parameter, torch.Tensor | slice]]]:
+    """The student's parameters by part: (parameter, its rows in that part: a mask, or every row)."""
     detect = len(model.model) - 1
     backbone_end = next(i for i, m in enumerate(model.model) if type(m).__name__ == "SPPF") + 1
     out: dict[str, list] = {"backbone": [], "neck": [], "head box+obj": [], "head class": []}
@@ -52,7 +52,7 @@ def parts(model: torch.nn.Module) -> dict[str, list[tuple[torch.nn.Parameter, to
             out["head box+obj"].append((p, rows < 5))
             out["head class"].append((p, rows >= 5))
         else:
-            out["backbone" if layer < backbone_end else "neck"].append((p, None))
+            out["backbone" if layer < backbone_end else "neck"].append((p, slice(None)))
     return out
 
 
@@ -62,10 +62,8 @@ def run(opt: argparse.Namespace) -> list[dict]:
     hyp = load_hyp(check_yaml(opt.hyp, "--hyp"))
     data = check_dataset(opt.data)
     model, _, _ = load_student(opt.weights, "", int(data["nc"]), hyp.get("anchors"), False, device)
-    nl, nc = model.model[-1].nl, int(data["nc"])
-    hyp["box"] *= 3 / nl  # train.py's scaling of the loss gains
-    hyp["cls"] *= nc / 80 * 3 / nl
-    hyp["obj"] *= (opt.imgsz / 640) ** 2 * 3 / nl
+    nc = int(data["nc"])
+    train.scale_loss_gains(hyp, model.model[-1].nl, nc, opt.imgsz)
     model.nc, model.hyp, model.names = nc, hyp, data["names"]
     args = train.parse_opt(True, args=[])
     args.ft_weights = opt.teacher
@@ -94,13 +92,8 @@ def run(opt: argparse.Namespace) -> list[dict]:
         optimizer.zero_grad()
         row = {"step": step, "gate": float(loss_fn.gate)}
         for part, members in groups.items():
-            det = sum(
-                ((mid[p] - start[p])[sel] if sel is not None else mid[p] - start[p]).pow(2).sum() for p, sel in members
-            )
-            own = sum(
-                ((p.detach() - mid[p])[sel] if sel is not None else p.detach() - mid[p]).pow(2).sum()
-                for p, sel in members
-            )
+            det = sum((mid[p] - start[p])[sel].pow(2).sum() for p, sel in members)
+            own = sum((p.detach() - mid[p])[sel].pow(2).sum() for p, sel in members)
             row[part] = float((own / det.clamp(min=1e-30)).sqrt())
         rows.append(row)
     print(f"terms' step / detection loss's step{' (--distill-cap)' if opt.cap else ''}: {opt.teacher} -> {opt.weights}")
