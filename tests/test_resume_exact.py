@@ -1,8 +1,9 @@
 """A run killed with SIGKILL mid-epoch and resumed ends with the very weights of the same run left alone.
 
 Real processes, real kills: train.py runs as a subprocess (FGFI on, two loader workers, --save-period 1) and is killed
-while it trains its second epoch; `--resume` continues it. Every float tensor of the final full-precision checkpoint
-(student, EMA, adapters, optimizer state) and every results.csv value must equal the uninterrupted run's.
+one step into its second epoch, where tests/pause_worker.py holds it; `--resume` continues it. Every float tensor of
+the final full-precision checkpoint (student, EMA, adapters, optimizer state) and every results.csv value must equal
+the uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -53,14 +54,19 @@ def _epoch_of(last: Path) -> int:
 
 
 def _kill_during_epoch(cmd: list[str], last: Path, epoch: int) -> None:
-    """Start the run; SIGKILL it as soon as epoch `epoch - 1` is committed (last.pt), i.e. while `epoch` trains."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    """Run train.py held still one step into `epoch` (tests/pause_worker.py), then SIGKILL it: the kill lands mid-epoch
+    however fast the epoch is."""
+    marker = last.parent.parent / "holding"
+    worker = [cmd[0], str(ROOT / "tests/pause_worker.py"), str(marker), str(epoch), *cmd[2:]]
+    log = last.parents[2] / "killed.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(worker, cwd=ROOT, env=_env(), stdout=f, stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + 300
-        while _epoch_of(last) < epoch - 1:
-            assert proc.poll() is None, "the run ended before it could be killed"
+        while not marker.exists():
+            assert proc.poll() is None, f"the run ended before it could be killed: {log.read_text()[-2000:]}"
             assert time.time() < deadline
-            time.sleep(0.02)
+            time.sleep(0.05)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
     finally:
