@@ -107,7 +107,9 @@ OUTPUT_ARMS = {
     "default-gate": {"distill_gate": True, "distill_decouple": False},  # the gate, one step of the summed gradient
     "default-decouple": {"distill_gate": False, "distill_decouple": True},  # the terms' own Adam step, no gate
     "default-gate-decouple": {"distill_gate": True, "distill_decouple": True},  # both named: what default trains
-    "default-cap": {"distill_cap": True},  # the default with the terms' step capped at the gate's share
+    "default-cap": {"distill_cap": 1.0},  # the default with the terms' step capped at the gate's share
+    "default-cap2": {"distill_cap": 2.0},  # ... at twice the gate's share
+    "default-cap3": {"distill_cap": 3.0},  # ... at three times
     "coupled": {"distill_gate": False, "distill_decouple": False},  # the recipe before both
 }
 ALL_BOXES = {"imitation_boxes": "all"}

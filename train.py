@@ -163,7 +163,7 @@ def train(hyp: dict | str, opt: argparse.Namespace, device: torch.device) -> tup
     for group in distiller.param_groups(hyp["weight_decay"]) if distiller else []:
         optimizer.add_param_group(group)
     decoupled = decoupled_step(
-        distiller, optimizer, RANK != -1, ckpt if resume else None, getattr(opt, "distill_cap", False)
+        distiller, optimizer, RANK != -1, ckpt if resume else None, getattr(opt, "distill_cap", 0.0)
     )
 
     if opt.cos_lr:
@@ -542,9 +542,9 @@ def parse_opt(known: bool = False, args: list[str] | None = None) -> argparse.Na
         "SGD; --no-distill-decouple: one step of the summed gradient)",
     )  # fmt: skip
     parser.add_argument(
-        "--distill-cap", action=argparse.BooleanOptionalAction, default=False,
-        help="with --distill-decouple: each tensor's step by the terms at most the gate's share (1 without the gate) "
-        "of the norm of its step by the detection loss",
+        "--distill-cap", type=float, nargs="?", const=1.0, default=0.0, metavar="K",
+        help="with --distill-decouple: each tensor's step by the terms at most K (1 if not given) x the gate's share "
+        "(1 without the gate) of the norm of its step by the detection loss (default: 0, no cap)",
     )  # fmt: skip
     parser.add_argument(
         "--adapter-warmup", type=float, default=None,

@@ -73,7 +73,7 @@ def run(opt: argparse.Namespace) -> list[dict]:
     optimizer = smart_optimizer(model, "AdamW", hyp["lr0"], hyp["momentum"], hyp["weight_decay"])
     for group in distiller.param_groups(hyp["weight_decay"]):
         optimizer.add_param_group(group)
-    decoupled = DecoupledStep(optimizer, cap=opt.cap)
+    decoupled = DecoupledStep(optimizer, cap=opt.cap or 0.0)
     scaler = torch.amp.GradScaler("cuda", enabled=False)
     loader = create_dataloader(data["train"], opt.imgsz, opt.batch_size, 32, hyp=hyp, augment=True, shuffle=True,
                                workers=0)[0]  # fmt: skip
@@ -96,7 +96,9 @@ def run(opt: argparse.Namespace) -> list[dict]:
             own = sum((p.detach() - mid[p])[sel].pow(2).sum() for p, sel in members)
             row[part] = float((own / det.clamp(min=1e-30)).sqrt())
         rows.append(row)
-    print(f"terms' step / detection loss's step{' (--distill-cap)' if opt.cap else ''}: {opt.teacher} -> {opt.weights}")
+    print(
+        f"terms' step / detection loss's step{f' (--distill-cap {opt.cap:g})' if opt.cap else ''}: {opt.teacher} -> {opt.weights}"
+    )
     print(" ".join(f"{k:>12s}" for k in rows[0]))
     for row in rows:
         print(" ".join(f"{v:12d}" if k == "step" else f"{v:12.2f}" for k, v in row.items()))
@@ -112,7 +114,7 @@ def parse_opt(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--imgsz", type=int, default=320)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--cap", action="store_true", help="--distill-cap")
+    parser.add_argument("--cap", type=float, nargs="?", const=1.0, default=0.0, metavar="K", help="--distill-cap K")
     return parser.parse_args(argv)
 
 

@@ -13,12 +13,12 @@ Here one forward gives two backward passes into two gradient buffers of the stud
   sqrt(max(v_detection, v_terms)): never larger than the terms' own Adam step, and in units of the detection loss's
   step where that gradient is the larger one, so the terms' weights keep their meaning.
 
-With cap (--distill-cap), each tensor's terms step is at most `share` (the batch's gate; 1 without the gate) times
+With cap (--distill-cap K), each tensor's terms step is at most K x `share` (the batch's gate; 1 without the gate) times
 the norm of the detection loss's own step of that tensor, measured as the parameter's change over the run's
 optimizer step. Adam's step hardly shrinks when its gradient is scaled down (it divides by the root of the gradient's
 own square), and the terms' gradient points the same way step after step where the detection loss's is noisy: on a
 BCCD fine-tune with the gate at 0.24-0.38, the terms stepped the backbone by 0.73-0.93 of the detection loss's step.
-The cap makes the gate a share of the student's own step.
+The cap makes the gate (times K, 1 by default) a share of the student's own step.
 
 A training loop uses it as
 
@@ -105,12 +105,12 @@ class DecoupledStep:
     (biases, decayed weights, normalization weights), the rest the adapters', which stay with it.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, cap: bool = False):
+    def __init__(self, optimizer: torch.optim.Optimizer, cap: float = 0.0):
         groups = [[p for p in g["params"] if p.requires_grad] for g in optimizer.param_groups[:3]]
         self.params = [p for params in groups for p in params]
         self.grads: list[torch.Tensor | None] = [None] * len(self.params)
         self.optimizer = TermsAdam(optimizer, groups)
-        self.cap = cap  # each tensor's terms step at most share x the detection loss's step of it
+        self.cap = float(cap)  # > 0: each tensor's terms step at most cap x share x the detection loss's step of it
         self.before: list[torch.Tensor] | None = None  # the parameters before the run's optimizer step (cap only)
 
     def _swap(self) -> None:
@@ -138,7 +138,7 @@ class DecoupledStep:
     def step(self, scaler: torch.amp.GradScaler, max_norm: float = 10.0, share: float | torch.Tensor = 1.0) -> None:
         """The terms' step (their gradient clipped at max_norm, as the student's), after the run's optimizer step;
         then the buffers are emptied. Call before scaler.update(). share: with cap, each tensor's step is at most
-        share x the norm of its step by the run's optimizer (the gate: how much better the teacher fits)."""
+        cap x share x the norm of its step by the run's optimizer (share: the gate, how much better the teacher fits)."""
         with self.terms_grads():
             if any(p.grad is not None for p in self.params):
                 scaler.unscale_(self.optimizer)
@@ -146,7 +146,7 @@ class DecoupledStep:
                 kwargs = {}
                 if self.cap and self.before is not None:
                     reference = {p: p.detach() - b for p, b in zip(self.params, self.before)}
-                    kwargs = dict(share=share, reference=reference)
+                    kwargs = dict(share=self.cap * share, reference=reference)
                 scaler.step(self.optimizer, **kwargs)
         self.grads = [None] * len(self.params)
         self.before = None

@@ -36,6 +36,8 @@ def check_distill_options(opt: argparse.Namespace) -> None:
         if warmup is not None:
             check_range("--adapter-warmup", warmup, 0, hint="epochs; 0 = from the first step")
         check_range("--pseudo-conf", getattr(opt, "pseudo_conf", 0.5), 0, 1, hint="1 = FGFI on labelled images only")
+        opt.distill_cap = float(getattr(opt, "distill_cap", 0) or 0)  # runs before K: True (1) or False (0)
+        check_range("--distill-cap", opt.distill_cap, 0, hint="a multiple of the gate; 0 = no cap")
     elif getattr(opt, "unlabeled", ""):
         raise UserError(
             f"--unlabeled {opt.unlabeled}: images without labels are learnt from a teacher: add --ft_weights teacher.pt"
@@ -101,11 +103,12 @@ def decoupled_step(
     optimizer: torch.optim.Optimizer,
     ddp: bool,
     ckpt: dict | None = None,
-    cap: bool = False,
+    cap: float = 0.0,
 ) -> DecoupledStep | None:
     """--distill-decouple: the terms' own optimizer step, or None: off (--no-distill-decouple), or where it cannot
     run (SGD, RMSProp, DDP: one line when the flag asked for it, silently by default); ckpt: a resumed run's
-    checkpoint, whose terms' optimizer state it continues from; cap: --distill-cap (one line where it cannot run)."""
+    checkpoint, whose terms' optimizer state it continues from; cap: --distill-cap's multiple of the gate, 0 off (one
+    line where it cannot run)."""
     if distiller is None:
         return None
     why = "--no-distill-decouple" if distiller.decouple is False else decouple_refusal(optimizer, ddp)
@@ -119,7 +122,8 @@ def decoupled_step(
     state = (ckpt or {}).get("distill") or {}
     if state.get("decoupled") is not None:
         decoupled.load_state_dict(state["decoupled"])
-    capped = ", each tensor's step at most the gate's share of the detection loss's (--distill-cap)" if cap else ""
+    times = "the gate's share" if cap == 1 else f"{cap:g} x the gate's share"
+    capped = f", each tensor's step at most {times} of the detection loss's (--distill-cap)" if cap else ""
     LOGGER.info(
         f"{colorstr('Distillation: ')}the terms' gradient is stepped with its own Adam moments (--distill-decouple)"
         f"{capped}"

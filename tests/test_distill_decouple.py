@@ -148,9 +148,10 @@ def test_train_builds_it_only_where_it_runs(teacher_pt, log_lines):
     assert decoupled_step(distiller, adam, ddp=False) is None
     # --distill-cap caps the decoupled step: with it, or one line where the decoupled step is off
     distiller.decouple = None
-    assert decoupled_step(distiller, adam, ddp=False, cap=True).cap is True
-    assert decoupled_step(distiller, adam, ddp=False).cap is False
-    assert decoupled_step(distiller, torch.optim.SGD(student.parameters(), lr=0.1), ddp=False, cap=True) is None
+    assert decoupled_step(distiller, adam, ddp=False, cap=1.0).cap == 1.0
+    assert decoupled_step(distiller, adam, ddp=False, cap=2.5).cap == 2.5
+    assert decoupled_step(distiller, adam, ddp=False).cap == 0.0
+    assert decoupled_step(distiller, torch.optim.SGD(student.parameters(), lr=0.1), ddp=False, cap=1.0) is None
     assert sum("--distill-cap off" in line for line in log_lines) == 1
 
 
@@ -173,11 +174,12 @@ def _capped_reference(steps: int, share: float) -> torch.Tensor:
     return p
 
 
-@pytest.mark.parametrize("share", [0.0, 0.3, 1.0, 100.0])
-def test_cap_holds_the_terms_step_to_the_gates_share_of_the_detection_step(share):
+@pytest.mark.parametrize("cap, share", [(1.0, 0.0), (1.0, 0.3), (1.0, 1.0), (1.0, 100.0), (2.0, 0.15), (0.5, 0.6)])
+def test_cap_holds_the_terms_step_to_the_gates_share_of_the_detection_step(cap, share):
+    """cap x share: --distill-cap K with the gate's share; K = 2 at share 0.15 steps as K = 1 at 0.3."""
     p = torch.nn.Parameter(torch.zeros(4, dtype=torch.float64))
     optimizer, adapter = _groups(p)
-    decoupled, scaler = DecoupledStep(optimizer, cap=True), torch.amp.GradScaler("cuda", enabled=False)
+    decoupled, scaler = DecoupledStep(optimizer, cap=cap), torch.amp.GradScaler("cuda", enabled=False)
     for _ in range(4):
         decoupled.backward(scaler, (p * G_DET).sum(), (p * G_TERMS).sum() + (adapter * 2.0).sum())
         before = p.detach().clone()
@@ -185,10 +187,10 @@ def test_cap_holds_the_terms_step_to_the_gates_share_of_the_detection_step(share
         detection_step = (p.detach() - before).norm()
         after_main = p.detach().clone()
         decoupled.step(scaler, share=torch.tensor(share, dtype=torch.float64))
-        assert (p.detach() - after_main).norm() <= share * detection_step * (1 + 1e-12)
+        assert (p.detach() - after_main).norm() <= cap * share * detection_step * (1 + 1e-12)
         scaler.update()
         optimizer.zero_grad()
-    torch.testing.assert_close(p.detach(), _capped_reference(4, share), rtol=1e-12, atol=1e-15)
-    if share == 100.0:  # a cap never reached: the uncapped step
+    torch.testing.assert_close(p.detach(), _capped_reference(4, cap * share), rtol=1e-12, atol=1e-15)
+    if cap * share == 100.0:  # a cap never reached: the uncapped step
         torch.testing.assert_close(p.detach(), _reference(4), rtol=1e-12, atol=1e-15)
     assert decoupled.before is None  # the snapshot lives one step

@@ -24,6 +24,7 @@ from utils.general import UserError
         (dict(ft_weights="T", adapter_kernel=99), r"--adapter-kernel 99: must be in \[1, 7\]"),
         (dict(ft_weights="T", imitation_layers="16,16"), r"--imitation-layers '16,16': use"),
         (dict(ft_weights="T", imitation_layers=","), r"--imitation-layers ',': use"),
+        (dict(ft_weights="T", distill_cap=-1.0), r"--distill-cap -1.0: must be in \[0, inf\)"),
     ],
 )
 def test_train_flags_out_of_range_are_one_line(tmp_path, tiny_data, teacher_pt, kwargs, message):
