@@ -102,12 +102,13 @@ OUTPUT_ARMS = {
     # without --distill-balance: the output terms at their weights whatever their gradient against the detection loss
     "kd-nobal": {**KD, "imitation_weight": 0.0, "distill_balance": False},
     "fgfi+kd-nobal": {**KD, "distill_balance": False},
-    # the default recipe (under AdamW --distill-decouple on) with and without the gate, and the recipe before it,
-    # each with both flags named, so that a run is reused only for what it measured
+    # the default recipe (under AdamW: the decoupled step, the gate and the cap) without some of its parts, and the
+    # recipe before them, each with its flags named, so that a run is reused only for what it measured
     "default-gate": {"distill_gate": True, "distill_decouple": False},  # the gate, one step of the summed gradient
-    "default-decouple": {"distill_gate": False, "distill_decouple": True},  # the terms' own Adam step, no gate
-    "default-gate-decouple": {"distill_gate": True, "distill_decouple": True},  # both named: what default trains
-    "default-cap": {"distill_cap": 1.0},  # the default with the terms' step capped at the gate's share
+    "default-decouple": {"distill_gate": False, "distill_decouple": True, "distill_cap": 0.0},  # own Adam step only
+    "default-gate-decouple": {"distill_gate": True, "distill_decouple": True, "distill_cap": 0.0},  # no cap
+    "default-nocap": {"distill_cap": 0.0},  # the default without the cap: the terms' full Adam step, gated
+    "default-cap": {"distill_cap": 1.0},  # the cap named: the terms' step at most the gate's share (the default)
     "default-cap2": {"distill_cap": 2.0},  # ... at twice the gate's share
     "default-cap3": {"distill_cap": 3.0},  # ... at three times
     "coupled": {"distill_gate": False, "distill_decouple": False},  # the recipe before both
@@ -233,7 +234,8 @@ def run_experiment(
             precision = cfg.get("distill_precision") or "auto"
             # train.py's defaults of these, recorded so that runs of the recipes before them are not reused
             distilled = {
-                "ft_weights": str(teacher), "distill_precision": precision, "distill_decouple": None, "distill_gate": None
+                "ft_weights": str(teacher), "distill_precision": precision, "distill_decouple": None,
+                "distill_gate": None, "distill_cap": None,
             }  # fmt: skip
             extra = {} if ARMS[arm] is None else {**distilled, **ARMS[arm]}
             if extra.get("unlabeled"):

@@ -162,9 +162,7 @@ def train(hyp: dict | str, opt: argparse.Namespace, device: torch.device) -> tup
     optimizer = smart_optimizer(model, opt.optimizer, hyp["lr0"], hyp["momentum"], hyp["weight_decay"])
     for group in distiller.param_groups(hyp["weight_decay"]) if distiller else []:
         optimizer.add_param_group(group)
-    decoupled = decoupled_step(
-        distiller, optimizer, RANK != -1, ckpt if resume else None, getattr(opt, "distill_cap", 0.0)
-    )
+    decoupled = decoupled_step(distiller, optimizer, RANK != -1, ckpt if resume else None, opt.distill_cap)
 
     if opt.cos_lr:
         lf = one_cycle(1, hyp["lrf"], epochs)
@@ -542,9 +540,10 @@ def parse_opt(known: bool = False, args: list[str] | None = None) -> argparse.Na
         "SGD; --no-distill-decouple: one step of the summed gradient)",
     )  # fmt: skip
     parser.add_argument(
-        "--distill-cap", type=float, nargs="?", const=1.0, default=0.0, metavar="K",
-        help="with --distill-decouple: each tensor's step by the terms at most K (1 if not given) x the gate's share "
-        "(1 without the gate) of the norm of its step by the detection loss (default: 0, no cap)",
+        "--distill-cap", type=float, default=None, metavar="K",
+        help="with --distill-decouple: each tensor's step by the terms at most K x the gate's share (1 without the "
+        "gate) of the norm of its step by the detection loss (default: 1 where the decoupled step is on; 0: no cap, "
+        "more gain where the teacher is far better than the student, a risk where it is not)",
     )  # fmt: skip
     parser.add_argument(
         "--adapter-warmup", type=float, default=None,

@@ -63,6 +63,7 @@ LEGACY_OPTIONS = {
     "distill_balance": False,  # the output terms' gradient was not held to the detection loss's
     "distill_gate": False,  # the terms were not scaled by how much better the teacher fits each batch
     "distill_decouple": False,  # the terms' gradient was added to the detection loss's (one optimizer step)
+    "distill_cap": 0.0,  # the terms' decoupled step was not capped
 }
 
 

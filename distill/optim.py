@@ -40,6 +40,9 @@ from utils.torch_utils import clip_gradients
 ADAM = (torch.optim.Adam, torch.optim.AdamW)
 
 
+DEFAULT_CAP = 1.0  # --distill-cap: the terms' step at most the gate's share of the detection loss's (docs/results.md)
+
+
 def decouple_refusal(optimizer: torch.optim.Optimizer, ddp: bool) -> str | None:
     """Why --distill-decouple cannot run with this optimizer or under DDP (None: it can)."""
     if ddp:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from distill.distiller import LEGACY_OPTIONS, Distiller, check_settings, parse_imitation_layers
-from distill.optim import DecoupledStep, decouple_refusal
+from distill.optim import DEFAULT_CAP, DecoupledStep, decouple_refusal
 from distill.terms import TERMS, term_settings, term_weights
 from utils.general import LOGGER, UserError, check_range, colorstr
 
@@ -36,8 +36,10 @@ def check_distill_options(opt: argparse.Namespace) -> None:
         if warmup is not None:
             check_range("--adapter-warmup", warmup, 0, hint="epochs; 0 = from the first step")
         check_range("--pseudo-conf", getattr(opt, "pseudo_conf", 0.5), 0, 1, hint="1 = FGFI on labelled images only")
-        opt.distill_cap = float(getattr(opt, "distill_cap", 0) or 0)  # runs before K: True (1) or False (0)
-        check_range("--distill-cap", opt.distill_cap, 0, hint="a multiple of the gate; 0 = no cap")
+        cap = getattr(opt, "distill_cap", LEGACY_OPTIONS["distill_cap"])
+        opt.distill_cap = None if cap is None else float(cap)  # None: the default; runs saved with the flag a bool: 1/0
+        if cap is not None:
+            check_range("--distill-cap", opt.distill_cap, 0, hint="a multiple of the gate; 0 = no cap")
     elif getattr(opt, "unlabeled", ""):
         raise UserError(
             f"--unlabeled {opt.unlabeled}: images without labels are learnt from a teacher: add --ft_weights teacher.pt"
@@ -103,12 +105,12 @@ def decoupled_step(
     optimizer: torch.optim.Optimizer,
     ddp: bool,
     ckpt: dict | None = None,
-    cap: float = 0.0,
+    cap: float | None = None,
 ) -> DecoupledStep | None:
     """--distill-decouple: the terms' own optimizer step, or None: off (--no-distill-decouple), or where it cannot
     run (SGD, RMSProp, DDP: one line when the flag asked for it, silently by default); ckpt: a resumed run's
-    checkpoint, whose terms' optimizer state it continues from; cap: --distill-cap's multiple of the gate, 0 off (one
-    line where it cannot run)."""
+    checkpoint, whose terms' optimizer state it continues from; cap: --distill-cap's multiple of the gate, 0 off, None
+    the default (DEFAULT_CAP; one line where a cap asked for by name cannot run)."""
     if distiller is None:
         return None
     why = "--no-distill-decouple" if distiller.decouple is False else decouple_refusal(optimizer, ddp)
@@ -118,6 +120,7 @@ def decoupled_step(
         if cap:
             LOGGER.info(f"{colorstr('Distillation: ')}--distill-cap off: it caps the decoupled step, which is off")
         return None
+    cap = DEFAULT_CAP if cap is None else cap
     decoupled = DecoupledStep(optimizer, cap=cap)
     state = (ckpt or {}).get("distill") or {}
     if state.get("decoupled") is not None:

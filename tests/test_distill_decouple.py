@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from distill import Distiller
-from distill.optim import DecoupledStep, decouple_refusal
+from distill.optim import DEFAULT_CAP, DecoupledStep, decouple_refusal
 from distill.options import decoupled_step, distill_state
 from models.yolo import DetectionModel
 from utils.general import yaml_load
@@ -148,10 +148,14 @@ def test_train_builds_it_only_where_it_runs(teacher_pt, log_lines):
     assert decoupled_step(distiller, adam, ddp=False) is None
     # --distill-cap caps the decoupled step: with it, or one line where the decoupled step is off
     distiller.decouple = None
-    assert decoupled_step(distiller, adam, ddp=False, cap=1.0).cap == 1.0
+    assert decoupled_step(distiller, adam, ddp=False).cap == DEFAULT_CAP == 1.0  # the default: the gate's share
     assert decoupled_step(distiller, adam, ddp=False, cap=2.5).cap == 2.5
-    assert decoupled_step(distiller, adam, ddp=False).cap == 0.0
-    assert decoupled_step(distiller, torch.optim.SGD(student.parameters(), lr=0.1), ddp=False, cap=1.0) is None
+    assert decoupled_step(distiller, adam, ddp=False, cap=0.0).cap == 0.0  # no cap
+    sgd = torch.optim.SGD(student.parameters(), lr=0.1)
+    assert decoupled_step(distiller, sgd, ddp=False) is None  # the default cap: silently off with the decoupled step
+    assert decoupled_step(distiller, sgd, ddp=False, cap=0.0) is None
+    assert sum("--distill-cap off" in line for line in log_lines) == 0
+    assert decoupled_step(distiller, sgd, ddp=False, cap=1.0) is None  # asked for by name: one line
     assert sum("--distill-cap off" in line for line in log_lines) == 1
 
 
@@ -194,3 +198,26 @@ def test_cap_holds_the_terms_step_to_the_gates_share_of_the_detection_step(cap, 
     if cap * share == 100.0:  # a cap never reached: the uncapped step
         torch.testing.assert_close(p.detach(), _reference(4), rtol=1e-12, atol=1e-15)
     assert decoupled.before is None  # the snapshot lives one step
+
+
+def test_cap_option_reads_every_run_as_it_trained():
+    """--distill-cap K: not given, the default (None, DEFAULT_CAP where the decoupled step runs); a run saved before
+    the flag trained uncapped (0); one saved when it was a switch, True/False as 1/0; a negative K is one line."""
+    import train
+    from distill.options import check_distill_options
+    from utils.general import UserError
+
+    def checked(**changes):
+        opt = train.parse_opt(args=["--ft_weights", "teacher.pt"])
+        for k, v in changes.items():
+            setattr(opt, k, v)
+        if changes.get("distill_cap") == "absent":
+            del opt.distill_cap
+        check_distill_options(opt)
+        return opt.distill_cap
+
+    assert checked() is None
+    assert train.parse_opt(args=["--ft_weights", "t.pt", "--distill-cap", "2"]).distill_cap == 2.0
+    assert [checked(distill_cap=v) for v in ("absent", True, False, 0.5)] == [0.0, 1.0, 0.0, 0.5]
+    with pytest.raises(UserError, match=r"^--distill-cap -1.0: must be in \[0, inf\)"):
+        checked(distill_cap=-1.0)

@@ -136,6 +136,8 @@ def test_every_ablation_arm_builds_its_distiller_with_its_settings(tmp_path, tin
     assert (built["kd"][0].kd_temperature, built["kd-t2"][0].kd_temperature) == (1.0, 2.0)
     assert built["default"][1].gate and not built["coupled"][1].gate and built["default-gate"][1].gate
     assert [built[a][1].decouple is not False for a in ("default", "coupled", "default-decouple")] == [1, 0, 1]
+    caps = {a: built[a][0].distill_cap for a in ("default", "default-nocap", "default-gate-decouple", "default-cap2")}
+    assert caps == {"default": None, "default-nocap": 0.0, "default-gate-decouple": 0.0, "default-cap2": 2.0}
     assert built["student"][1] is None
 
 
