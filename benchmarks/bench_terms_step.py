@@ -3,8 +3,9 @@
 The gate scales the terms' loss, but Adam divides each step by the root of the gradient's own square, so a scaled-down
 gradient gives nearly the same step. This measures it on the first steps of a fine-tune: per part of the student
 (backbone, neck, the head's box+objectness rows and its class rows), the norm of the terms' step over the norm of the
-detection loss's step (the parameters' change over the run's optimizer step), beside the batch's gate. With --cap
-(--distill-cap) the terms' step of each tensor is at most the gate's share of the detection loss's.
+detection loss's step (the parameters' change over the run's optimizer step), beside the batch's gate. Without --cap
+the step is uncapped (--distill-cap 0); with --cap K (--distill-cap K, K = 1 as train.py's default when K is left
+out) the terms' step of each tensor is at most K x the gate's share of the detection loss's.
 
     python benchmarks/bench_terms_step.py                  # BCCD fine-tune: yolov5n.pt <- the bccd preset's teacher
     python benchmarks/bench_terms_step.py --cap
@@ -73,7 +74,7 @@ def run(opt: argparse.Namespace) -> list[dict]:
     optimizer = smart_optimizer(model, "AdamW", hyp["lr0"], hyp["momentum"], hyp["weight_decay"])
     for group in distiller.param_groups(hyp["weight_decay"]):
         optimizer.add_param_group(group)
-    decoupled = DecoupledStep(optimizer, cap=opt.cap or 0.0)
+    decoupled = DecoupledStep(optimizer, cap=opt.cap)
     scaler = torch.amp.GradScaler("cuda", enabled=False)
     loader = create_dataloader(data["train"], opt.imgsz, opt.batch_size, 32, hyp=hyp, augment=True, shuffle=True,
                                workers=0)[0]  # fmt: skip
@@ -96,9 +97,8 @@ def run(opt: argparse.Namespace) -> list[dict]:
             own = sum((p.detach() - mid[p])[sel].pow(2).sum() for p, sel in members)
             row[part] = float((own / det.clamp(min=1e-30)).sqrt())
         rows.append(row)
-    print(
-        f"terms' step / detection loss's step{f' (--distill-cap {opt.cap:g})' if opt.cap else ''}: {opt.teacher} -> {opt.weights}"
-    )
+    capped = f" (--distill-cap {opt.cap:g})" if opt.cap else ""
+    print(f"terms' step / detection loss's step{capped}: {opt.teacher} -> {opt.weights}")
     print(" ".join(f"{k:>12s}" for k in rows[0]))
     for row in rows:
         print(" ".join(f"{v:12d}" if k == "step" else f"{v:12.2f}" for k, v in row.items()))

@@ -13,8 +13,8 @@ Here one forward gives two backward passes into two gradient buffers of the stud
   sqrt(max(v_detection, v_terms)): never larger than the terms' own Adam step, and in units of the detection loss's
   step where that gradient is the larger one, so the terms' weights keep their meaning.
 
-With cap (--distill-cap K), each tensor's terms step is at most K x `share` (the batch's gate; 1 without the gate) times
-the norm of the detection loss's own step of that tensor, measured as the parameter's change over the run's
+With cap (--distill-cap K), each tensor's terms step is at most K x `share` (the batch's gate; 1 without the gate)
+times the norm of the detection loss's own step of that tensor, measured as the parameter's change over the run's
 optimizer step. Adam's step hardly shrinks when its gradient is scaled down (it divides by the root of the gradient's
 own square), and the terms' gradient points the same way step after step where the detection loss's is noisy: on a
 BCCD fine-tune with the gate at 0.24-0.38, the terms stepped the backbone by 0.73-0.93 of the detection loss's step.
@@ -140,8 +140,8 @@ class DecoupledStep:
 
     def step(self, scaler: torch.amp.GradScaler, max_norm: float = 10.0, share: float | torch.Tensor = 1.0) -> None:
         """The terms' step (their gradient clipped at max_norm, as the student's), after the run's optimizer step;
-        then the buffers are emptied. Call before scaler.update(). share: with cap, each tensor's step is at most
-        cap x share x the norm of its step by the run's optimizer (share: the gate, how much better the teacher fits)."""
+        then the buffers are emptied. Call before scaler.update(). share: the gate (how much better the teacher fits);
+        with cap, each tensor's step is at most cap x share x the norm of its step by the run's optimizer."""
         with self.terms_grads():
             if any(p.grad is not None for p in self.params):
                 scaler.unscale_(self.optimizer)
