@@ -530,7 +530,7 @@ class Distiller:
         """train.py options that rebuild this distillation on --resume (older checkpoints: only what they hold)."""
         keys = ("iou_factor", "imitation_region", "adapter_kernel", "imitation_reduce", "imitation_boxes",
                 "distill_precision", "adapter_warmup", "distill_balance", "pseudo_conf", "distill_gate", "distill_decouple",
-                *_all_settings())  # fmt: skip
+                "distill_cap", *_all_settings())  # fmt: skip
         keys += tuple(f"{name}_weight" for name in TERMS)
         opts = {k: state[k] for k in keys if k in state}
         for k, v in LEGACY_OPTIONS.items():  # what runs from before each option trained with

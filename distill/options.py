@@ -135,10 +135,15 @@ def decoupled_step(
 
 
 def distill_state(distiller: Distiller | None, decoupled: DecoupledStep | None) -> dict | None:
-    """The checkpoint's 'distill' entry: the Distiller's state and the terms' optimizer state (None without one)."""
+    """The checkpoint's 'distill' entry: the Distiller's state, the terms' optimizer state and the cap it stepped
+    with (--distill-cap as resolved: a run resumed after the default changed keeps its own), None without one."""
     if distiller is None:
         return None
-    return {**distiller.state_dict(), "decoupled": decoupled.state_dict() if decoupled else None}
+    return {
+        **distiller.state_dict(),
+        "decoupled": decoupled.state_dict() if decoupled else None,
+        "distill_cap": decoupled.cap if decoupled else 0.0,
+    }
 
 
 def resume_distill_options(ckpt: dict) -> dict:

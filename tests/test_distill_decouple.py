@@ -137,6 +137,11 @@ def test_train_builds_it_only_where_it_runs(teacher_pt, log_lines):
     resumed = decoupled_step(distiller, adam, ddp=False, ckpt={"distill": state})
     assert resumed.optimizer.state[resumed.params[0]]["step"] == 7
     assert distill_state(distiller, None)["decoupled"] is None
+    # the cap as it stepped (the default resolved) is what --resume trains with; runs from before it: uncapped
+    assert Distiller.options_from_state(state)["distill_cap"] == DEFAULT_CAP
+    assert Distiller.options_from_state(distill_state(distiller, DecoupledStep(adam, cap=2.5)))["distill_cap"] == 2.5
+    assert Distiller.options_from_state(distill_state(distiller, None))["distill_cap"] == 0.0
+    assert Distiller.options_from_state({"teacher": "t.pt", "adapters": {}})["distill_cap"] == 0.0
     assert decoupled_step(distiller, torch.optim.SGD(student.parameters(), lr=0.1), ddp=False) is None
     assert decoupled_step(distiller, adam, ddp=True) is None
     assert sum("--distill-decouple off" in line for line in log_lines) == 2  # asked for: a line each
