@@ -5,8 +5,10 @@ Median wall time, in interleaved rounds, of three AdamW training steps on one bu
   plain       the student alone: forward + YOLOv5 loss + backward + optimizer step
   summed      the default recipe (FGFI + kd + box_kd, balanced) with one step of the summed gradient
               (--no-distill-decouple)
-  decoupled   the same with the two backward passes and the terms' own Adam step (the default under Adam/AdamW)
-and the ratios decoupled / summed and decoupled / plain. The teacher is the shipped one, the images the built-in
+  decoupled   the same with the two backward passes and the terms' own Adam step, uncapped (--distill-cap 0)
+  capped      the same with --distill-cap 1 at a share of 0.3 (the default under Adam/AdamW: a copy of the
+              student's parameters before the step, and a norm per tensor)
+and the ratios decoupled / summed, capped / decoupled and capped / plain. The teacher is the shipped one, the images the built-in
 data's (generated on first use).
 
     python benchmarks/bench_decouple_step.py                          # CPU: yolov5n <- shipped yolov5s, 192 px, batch 16
@@ -59,13 +61,13 @@ def run(opt: argparse.Namespace) -> dict:
     optimizer = smart_optimizer(student, "AdamW", hyp["lr0"], hyp["momentum"], hyp["weight_decay"])
     for group in distiller.param_groups(hyp["weight_decay"]):
         optimizer.add_param_group(group)
-    decoupled = DecoupledStep(optimizer)
+    decoupled, capped = DecoupledStep(optimizer, cap=0.0), DecoupledStep(optimizer, cap=1.0)
     scaler = torch.amp.GradScaler("cuda", enabled=cuda)
 
-    def finish(terms_step: bool = False):
+    def finish(terms_step: DecoupledStep | None = None):
         scaler.step(optimizer)
         if terms_step:
-            decoupled.step(scaler)
+            terms_step.step(scaler, share=0.3)
         scaler.update()
         optimizer.zero_grad()
 
@@ -82,22 +84,24 @@ def run(opt: argparse.Namespace) -> dict:
         scaler.scale(loss).backward()
         finish()
 
-    def split():
+    def split(step: DecoupledStep):
         with torch.autocast(device.type, enabled=cuda):
             pred, inputs = distiller(student, imgs, targets)
             detection, terms, _ = loss_fn.split(pred, targets, **inputs)
-        decoupled.backward(scaler, detection, terms)
-        finish(terms_step=True)
+        step.backward(scaler, detection, terms)
+        finish(terms_step=step)
 
-    row = interleaved_medians({"plain": plain, "summed": summed, "decoupled": split}, opt.iters, opt.warmup, device)
+    steps = {"plain": plain, "summed": summed, "decoupled": lambda: split(decoupled), "capped": lambda: split(capped)}
+    row = interleaved_medians(steps, opt.iters, opt.warmup, device)
     print(
         f"{device.type}: {opt.student} <- {TEACHER.name}, {opt.imgsz} px, batch {opt.batch_size}, AdamW; median of "
         f"{opt.iters} interleaved rounds after {opt.warmup}"
     )
-    for k in ("plain", "summed", "decoupled"):
+    for k in steps:
         print(f"  {k:10s} {row[k]:8.1f} ms/step")
     print(
-        f"  decoupled / summed {row['decoupled'] / row['summed']:.2f}x, decoupled / plain {row['decoupled'] / row['plain']:.2f}x"
+        f"  decoupled / summed {row['decoupled'] / row['summed']:.2f}x, capped / decoupled "
+        f"{row['capped'] / row['decoupled']:.2f}x, capped / plain {row['capped'] / row['plain']:.2f}x"
     )
     return row
 
