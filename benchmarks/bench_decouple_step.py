@@ -1,15 +1,15 @@
 """What --distill-decouple costs: the default recipe's step with one backward pass of the summed loss against two
 (the detection loss's and the terms', each into its own gradient) and the second Adam step (distill/optim.py).
 
-Median wall time, in interleaved rounds, of three AdamW training steps on one built-in batch:
+Median wall time, in interleaved rounds, of four AdamW training steps on one built-in batch:
   plain       the student alone: forward + YOLOv5 loss + backward + optimizer step
   summed      the default recipe (FGFI + kd + box_kd, balanced) with one step of the summed gradient
               (--no-distill-decouple)
   decoupled   the same with the two backward passes and the terms' own Adam step, uncapped (--distill-cap 0)
   capped      the same with --distill-cap 1 at a share of 0.3 (the default under Adam/AdamW: a copy of the
               student's parameters before the step, and a norm per tensor)
-and the ratios decoupled / summed, capped / decoupled and capped / plain. The teacher is the shipped one, the images the built-in
-data's (generated on first use).
+and the ratios decoupled / summed, capped / decoupled and capped / plain. The teacher is the shipped one, the images
+the built-in data's (generated on first use).
 
     python benchmarks/bench_decouple_step.py                          # CPU: yolov5n <- shipped yolov5s, 192 px, batch 16
     python benchmarks/bench_decouple_step.py --device 0 --batch-size 64 --imgsz 640
