@@ -57,9 +57,10 @@ _CPU = dict(
 # is the same pretrained yolov5n fine-tuned on BCCD for a 3x longer schedule (a yolov5s from scratch was not clearly
 # better within what 2 CPU cores allow: README, Results)
 REAL = ROOT.parent / "shared/real"
+COCO_YOLOV5N = str(REAL / "weights/yolov5n.pt")  # the official COCO-pretrained yolov5n v7.0 checkpoint
 _BCCD = dict(
-    _CPU, data=str(REAL / "bccd.yaml"), teacher="yolov5n.yaml", teacher_weights=str(REAL / "weights/yolov5n.pt"),
-    teacher_epochs=36, imgsz=320, epochs=12, student_weights=str(REAL / "weights/yolov5n.pt"),
+    _CPU, data=str(REAL / "bccd.yaml"), teacher="yolov5n.yaml", teacher_weights=COCO_YOLOV5N,
+    teacher_epochs=36, imgsz=320, epochs=12, student_weights=COCO_YOLOV5N,
 )  # fmt: skip
 # Unlabelled images (train.py --unlabeled): a preset with `unlabeled` splits its data into labelled and unlabelled
 # images (prepare_unlabeled); its arms then include the unlabelled stream and the fully labelled upper bound.
@@ -71,12 +72,11 @@ UNLABELED_SEED = 1  # the extra built-in images' generator seed (the built-in se
 # train images): the COCO-pretrained yolov5n fine-tuned there beside a yolov5s trained there from scratch for half the
 # shipped teacher's epochs, so that a recipe is measured where it was not tuned
 _GLYPHS = dict(
-    _CPU, data="glyphs.yaml", teacher="yolov5s.yaml", teacher_epochs=15, epochs=15,
-    student_weights=str(REAL / "weights/yolov5n.pt"),
-)  # fmt: skip
+    _CPU, data="glyphs.yaml", teacher="yolov5s.yaml", teacher_epochs=15, epochs=15, student_weights=COCO_YOLOV5N
+)
 # The same glyphs student beside a teacher better than it: the same COCO-pretrained yolov5n fine-tuned on glyphs
 # first for 25 epochs (still fewer than the shipped teacher's 30), as the bccd preset's teacher is made
-_GLYPHS_N = dict(_GLYPHS, teacher="yolov5n.yaml", teacher_weights=str(REAL / "weights/yolov5n.pt"), teacher_epochs=25)
+_GLYPHS_N = dict(_GLYPHS, teacher="yolov5n.yaml", teacher_weights=COCO_YOLOV5N, teacher_epochs=25)
 PRESETS = {
     "unlabeled": dict(_CPU, unlabeled="builtin-4000"),  # the shipped teacher: trained on the 1000 labelled images
     "bccd-quarter": dict(_BCCD, epochs=30, unlabeled="quarter"),
