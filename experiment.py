@@ -156,6 +156,8 @@ ABLATION_ARMS = {
 UNLABELED_ARMS = {
     "default+u": {"unlabeled": True},
     "default+u-nopseudo": {"unlabeled": True, "pseudo_conf": 1.0},
+    # without the cap: the cap bounds the terms' whole step, the unlabelled images' share included
+    "default+u-nocap": {"unlabeled": True, "distill_cap": 0.0},
     "upper": None,  # the student alone on all labels
     "student@time": None,
     "default@time": {},
