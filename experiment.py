@@ -347,10 +347,13 @@ def _train_arm(arm: str, seed: int, settings: dict, cfg: dict, project: Path) ->
 
 
 def _same_settings(a: dict, b: dict) -> bool:
-    """Whether two runs' settings are the same, however each spelled its paths: relative, absolute, through a link."""
+    """Whether two runs' settings are the same, however each spelled its paths: a file is compared by its content (the
+    same teacher or data YAML in another checkout is the same setting), a folder by where it really is."""
 
     def canonical(v):
-        return os.path.realpath(v) if isinstance(v, str) and v and os.path.exists(v) else v
+        if not (isinstance(v, str) and v and os.path.exists(v)):
+            return v
+        return ("sha256", _sha256(v)) if os.path.isfile(v) else os.path.realpath(v)
 
     return {k: canonical(v) for k, v in a.items()} == {k: canonical(v) for k, v in b.items()}
 
@@ -592,7 +595,11 @@ def _train_teacher_for(project: Path, cfg_yaml: str, cfg: dict) -> str:
 
 
 def _sha256(file) -> str:
-    return hashlib.sha256(Path(file).read_bytes()).hexdigest()
+    digest = hashlib.sha256()
+    with open(file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def parse_seeds(value: str) -> list[int]:

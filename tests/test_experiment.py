@@ -182,6 +182,20 @@ def test_settings_compare_by_the_files_they_name(tmp_path, monkeypatch):
     assert not experiment._same_settings(a, {**b, "seed": 0})
 
 
+def test_a_file_in_another_checkout_is_the_same_setting_when_its_bytes_are(tmp_path):
+    for checkout in ("main", "worktree"):  # the shipped teacher and a data YAML, as each checkout has them
+        (tmp_path / checkout).mkdir()
+        (tmp_path / checkout / "teacher.pt").write_bytes(b"the same teacher")
+        (tmp_path / checkout / "data.yaml").write_text("nc: 3\n")
+    a, b = ({"ft_weights": str(tmp_path / c / "teacher.pt"), "data": str(tmp_path / c / "data.yaml"), "epochs": 3}
+            for c in ("main", "worktree"))  # fmt: skip
+    assert experiment._same_settings(a, b)
+    (tmp_path / "worktree/data.yaml").write_text("nc: 4\n")  # edited: another setting, even at the same size
+    assert not experiment._same_settings(a, b)
+    (tmp_path / "worktree/data.yaml").unlink()  # gone: compared by name, which differs
+    assert not experiment._same_settings(a, b)
+
+
 def test_a_finished_run_with_other_settings_is_moved_aside_never_deleted(tmp_path, monkeypatch):
     def finished(run, settings, weights):
         (run / "weights").mkdir(parents=True)
