@@ -1,6 +1,6 @@
 """The main job: does distillation (FGFI, output distillation) beat the same student trained alone? One command.
 
-    python experiment.py                            # shipped yolov5s teacher -> yolov5n, seed 0 (CPU, ~11 min)
+    python experiment.py                            # shipped yolov5s teacher -> yolov5n, seed 0 (CPU, ~10 min)
     python experiment.py --seeds 0,1,2              # student and distilled student per seed: mean, std, gain
     python experiment.py --arms student,fgfi,kd,fgfi+kd --seeds 0,1,2   # + output distillation, alone and with FGFI
     python experiment.py --ablation --seeds 0,1,2   # + output terms, regions gtbox / full, 3 levels, psi, weights
