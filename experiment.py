@@ -348,14 +348,18 @@ def _train_arm(arm: str, seed: int, settings: dict, cfg: dict, project: Path) ->
 
 def _same_settings(a: dict, b: dict) -> bool:
     """Whether two runs' settings are the same, however each spelled its paths: a file is compared by its content (the
-    same teacher or data YAML in another checkout is the same setting), a folder by where it really is."""
+    same teacher or data YAML in another checkout is the same setting), a folder by where it really is. The project
+    folder is not compared: the run was found in it, whichever checkout wrote it there."""
 
     def canonical(v):
         if not (isinstance(v, str) and v and os.path.exists(v)):
             return v
         return ("sha256", _sha256(v)) if os.path.isfile(v) else os.path.realpath(v)
 
-    return {k: canonical(v) for k, v in a.items()} == {k: canonical(v) for k, v in b.items()}
+    def compared(settings: dict) -> dict:
+        return {k: canonical(v) for k, v in settings.items() if k != "project"}
+
+    return compared(a) == compared(b)
 
 
 def _free_name(run_dir: Path) -> Path:

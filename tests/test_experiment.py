@@ -194,6 +194,9 @@ def test_a_file_in_another_checkout_is_the_same_setting_when_its_bytes_are(tmp_p
     assert not experiment._same_settings(a, b)
     (tmp_path / "worktree/data.yaml").unlink()  # gone: compared by name, which differs
     assert not experiment._same_settings(a, b)
+    # the project folder named by a worktree since removed: the run was found in this one, so it is not compared
+    gone, here = {**a, "project": str(tmp_path / "gone/runs")}, {**a, "project": str(tmp_path / "main")}
+    assert experiment._same_settings(gone, here)
 
 
 def test_a_finished_run_with_other_settings_is_moved_aside_never_deleted(tmp_path, monkeypatch):
