@@ -356,8 +356,12 @@ def _same_settings(a: dict, b: dict) -> bool:
             return v
         return ("sha256", _sha256(v)) if os.path.isfile(v) else os.path.realpath(v)
 
+    # a checkpoint whose sha256 both runs recorded is compared by that alone: its path may be a checkout since removed
+    hashed = {path for path, sha in (("ft_weights", "teacher_sha256"), ("weights", "student_sha256"))
+              if sha in a and sha in b}  # fmt: skip
+
     def compared(settings: dict) -> dict:
-        return {k: canonical(v) for k, v in settings.items() if k != "project"}
+        return {k: canonical(v) for k, v in settings.items() if k != "project" and k not in hashed}
 
     return compared(a) == compared(b)
 

@@ -197,6 +197,10 @@ def test_a_file_in_another_checkout_is_the_same_setting_when_its_bytes_are(tmp_p
     # the project folder named by a worktree since removed: the run was found in this one, so it is not compared
     gone, here = {**a, "project": str(tmp_path / "gone/runs")}, {**a, "project": str(tmp_path / "main")}
     assert experiment._same_settings(gone, here)
+    # a teacher at a path since removed, with the sha256 both runs recorded: the same teacher when the hashes agree
+    moved = {**a, "ft_weights": str(tmp_path / "gone/teacher.pt"), "teacher_sha256": "ab"}
+    assert experiment._same_settings(moved, {**a, "teacher_sha256": "ab"})
+    assert not experiment._same_settings(moved, {**a, "teacher_sha256": "cd"})
 
 
 def test_a_finished_run_with_other_settings_is_moved_aside_never_deleted(tmp_path, monkeypatch):
